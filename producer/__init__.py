@@ -1,0 +1,1 @@
+"""The front door: submit, dispatch, the HTTP API, the client and the `sdfarm` command."""

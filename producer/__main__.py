@@ -1,0 +1,5 @@
+"""`python -m producer` is the `sdfarm` command."""
+
+from producer.cli import main
+
+raise SystemExit(main())

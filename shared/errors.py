@@ -1,0 +1,77 @@
+"""One error tree for the whole farm.
+
+    SdfarmError
+    ├── InvalidJob            (permanent)  a job spec or request that breaks a rule
+    ├── UnknownId             (permanent)  a batch or job id the ledger does not hold
+    ├── IllegalTransition     (permanent)  a state change the ledger refuses
+    ├── ModelLoadError        (permanent)  a model that cannot be loaded at worker start
+    ├── RenderCancelled       (permanent)  the job was cancelled while it rendered
+    ├── RenderFailed          (permanent)  the sampling loop failed for this job
+    ├── StorageError          (retryable)  the object store failed or timed out
+    └── FarmUnreachable       (retryable)  the API or Redis cannot be reached
+
+Each class says whether retrying the same work may succeed (`retryable`), so that the worker and
+the client decide retries from the error's type, not from its message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "FarmUnreachable",
+    "IllegalTransition",
+    "InvalidJob",
+    "ModelLoadError",
+    "RenderCancelled",
+    "RenderFailed",
+    "SdfarmError",
+    "StorageError",
+    "UnknownId",
+]
+
+
+class SdfarmError(Exception):
+    """Base of every error sdfarm raises on purpose."""
+
+    retryable: bool = False
+
+
+class InvalidJob(SdfarmError):
+    """A job spec or request that breaks a rule; the message names the field and what is allowed."""
+
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.details = details or []
+
+
+class UnknownId(SdfarmError):
+    """A batch or job id that the ledger does not hold (never existed, or its record expired)."""
+
+
+class IllegalTransition(SdfarmError):
+    """A job state change that the ledger refuses (for example leaving a terminal state)."""
+
+
+class ModelLoadError(SdfarmError):
+    """A model that cannot be loaded; raised at worker start, never at the first job."""
+
+
+class RenderCancelled(SdfarmError):
+    """The job was cancelled while it rendered; raised from the per-step callback."""
+
+
+class RenderFailed(SdfarmError):
+    """The sampling loop failed for a job in a way that retrying will not fix."""
+
+
+class StorageError(SdfarmError):
+    """The object store failed or timed out; the work is handed back and retried later."""
+
+    retryable = True
+
+
+class FarmUnreachable(SdfarmError):
+    """The API or Redis cannot be reached."""
+
+    retryable = True

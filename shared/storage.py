@@ -1,0 +1,156 @@
+"""Where finished images go: an S3-compatible bucket or a local directory.
+
+The object key is derived from the job (`{prefix}/{batch_id}/{job_id}.png`), so a redelivered job
+overwrites its image instead of adding a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from shared.errors import StorageError
+
+__all__ = ["FileStorage", "S3Storage", "Storage", "image_key", "open_storage"]
+
+log = logging.getLogger(__name__)
+
+
+def image_key(prefix: str, batch_id: str, job_id: str) -> str:
+    return f"{prefix.strip('/')}/{batch_id}/{job_id}.png".lstrip("/")
+
+
+class Storage(Protocol):
+    """What the farm needs from an object store."""
+
+    prefix: str
+
+    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def url(self, key: str, expires_s: int) -> str | None:
+        """A short-lived URL for the object, or None when the store has none (file://)."""
+        ...
+
+    def describe(self, key: str) -> str:
+        """The object's full address, for humans (`s3://bucket/key`, `file:///...`)."""
+        ...
+
+
+class S3Storage:
+    """Any S3-compatible store through boto3 (AWS, MinIO, SeaweedFS)."""
+
+    def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None, timeout_s: float = 30.0) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix
+        config = Config(
+            retries={"mode": "standard", "max_attempts": 5},
+            connect_timeout=timeout_s,
+            read_timeout=timeout_s,
+            # MinIO and SeaweedFS refuse the newer default checksums; only send them when required.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": "path"},
+        )
+        self.client: Any = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        except (BotoCoreError, ClientError) as e:
+            raise StorageError(f"could not store s3://{self.bucket}/{key}: {e}") from e
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            body: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError) as e:
+            raise StorageError(f"could not read s3://{self.bucket}/{key}: {e}") from e
+        return body
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                return False
+            raise StorageError(f"could not check s3://{self.bucket}/{key}: {e}") from e
+        except BotoCoreError as e:
+            raise StorageError(f"could not check s3://{self.bucket}/{key}: {e}") from e
+        return True
+
+    def url(self, key: str, expires_s: int) -> str | None:
+        url: str = self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
+        )
+        return url
+
+    def describe(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+
+class FileStorage:
+    """A local directory; writes are atomic (temp file, then rename)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.prefix = ""
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise StorageError(f"key {key!r} points outside {self.root}")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise StorageError(f"could not write {path}: {e}") from e
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except OSError as e:
+            raise StorageError(f"could not read {key}: {e}") from e
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def url(self, key: str, expires_s: int) -> str | None:
+        return None
+
+    def describe(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+
+def open_storage(storage_url: str, *, endpoint_url: str | None = None) -> Storage:
+    """Build the store named by `SDFARM_STORAGE_URL` (`s3://bucket/prefix` or `file:///dir`)."""
+    parsed = urlparse(storage_url)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"storage_url {storage_url!r} names no bucket (s3://bucket/prefix)")
+        return S3Storage(parsed.netloc, parsed.path.strip("/"), endpoint_url=endpoint_url)
+    if parsed.scheme == "file":
+        return FileStorage(Path(parsed.path))
+    raise ValueError(f"storage_url must start with s3:// or file://, got {storage_url!r}")

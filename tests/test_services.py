@@ -1,0 +1,123 @@
+"""Stories about the local services that tests and `sdfarm up` start: Redis, SeaweedFS, processes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from producer.services import (
+    ManagedProcess,
+    RedisService,
+    S3Service,
+    ServiceStartError,
+    start_redis,
+    start_seaweedfs,
+)
+
+
+def test_redis_restart_keeps_what_was_written_before_it(
+    redis_service: RedisService, redis_url: str
+) -> None:
+    # Given a job record written to the session Redis (AOF on)
+    redis.Redis.from_url(redis_url).hset("job:1", mapping={"state": "queued"})
+
+    # When Redis is stopped and started again on the same port and directory
+    redis_service.restart()
+
+    # Then the record is still there, read back from the append-only file
+    assert redis.Redis.from_url(redis_url).hgetall("job:1") == {b"state": b"queued"}
+
+
+def test_two_redis_services_side_by_side_get_different_ports(
+    redis_server_bin: str, tmp_path: Path
+) -> None:
+    # Given two Redis services started in their own directories
+    first, second = start_redis(tmp_path / "a"), start_redis(tmp_path / "b")
+    try:
+        # Then each answers on its own port, and a key written to one is not in the other
+        assert first.port != second.port
+        redis.Redis.from_url(first.url).set("owner", "first")
+        assert redis.Redis.from_url(second.url).get("owner") is None
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_object_put_in_the_store_reads_back_and_through_a_presigned_url(
+    s3_service: S3Service,
+) -> None:
+    # Given a PNG-sized object put into the bucket
+    client = s3_service.client()
+    body = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 16
+    key = "images/batch-1/job-1.png"
+    client.put_object(Bucket=s3_service.bucket, Key=key, Body=body, ContentType="image/png")
+
+    # When it is read back with the SDK and through a presigned URL
+    read = client.get_object(Bucket=s3_service.bucket, Key=key)["Body"].read()
+    url = client.generate_presigned_url(
+        "get_object", Params={"Bucket": s3_service.bucket, "Key": key}, ExpiresIn=60
+    )
+    fetched = httpx.get(url, timeout=10)
+
+    # Then both give the same bytes, and the plain URL without a signature is refused
+    assert read == body
+    assert fetched.status_code == 200
+    assert fetched.content == body
+    assert httpx.get(f"{s3_service.endpoint_url}/{s3_service.bucket}/{key}").status_code == 403
+
+
+def test_a_second_s3_store_runs_beside_the_first_without_a_clash(
+    s3_service: S3Service, tmp_path: Path
+) -> None:
+    # Given the session store, and a second one started beside it
+    other = start_seaweedfs(
+        tmp_path, access_key="otherkey1", secret_key="othersecret1", bucket="b2"
+    )
+    try:
+        # Then no port is shared, and each store keeps its own objects
+        assert not {other.port, *other.internal_ports.values()} & {
+            s3_service.port,
+            *s3_service.internal_ports.values(),
+        }
+        other.client().put_object(Bucket="b2", Key="only-here", Body=b"x")
+        assert other.client().get_object(Bucket="b2", Key="only-here")["Body"].read() == b"x"
+        assert "b2" not in {b["Name"] for b in s3_service.client().list_buckets()["Buckets"]}
+    finally:
+        other.stop()
+
+
+def test_a_service_that_dies_at_start_reports_the_end_of_its_log(tmp_path: Path) -> None:
+    # Given a command that prints a reason and exits before it is ever ready
+    script = "import sys; print('port already in use', flush=True); sys.exit(3)"
+    process = ManagedProcess("doomed", [sys.executable, "-c", script], log_dir=tmp_path)
+
+    # When we wait for it to become ready
+    with process, pytest.raises(ServiceStartError) as raised:
+        process.wait_ready(timeout_s=10)
+
+    # Then the error says it exited, with its status and the last lines of its log
+    assert "exited with status 3" in str(raised.value)
+    assert "port already in use" in str(raised.value)
+
+
+def test_stop_kills_a_process_that_ignores_sigterm(tmp_path: Path) -> None:
+    # Given a process that ignores SIGTERM (and says so by creating a file)
+    ignoring = tmp_path / "ignoring"
+    script = (
+        "import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"pathlib.Path({str(ignoring)!r}).touch(); time.sleep(60)"
+    )
+    argv = [sys.executable, "-c", script]
+    process = ManagedProcess("stubborn", argv, log_dir=tmp_path, ready=ignoring.exists).start()
+    process.wait_ready(timeout_s=10)
+
+    # When it is stopped with a short grace period
+    status = process.stop(timeout_s=0.5)
+
+    # Then it was killed, and nothing is left running
+    assert status == -9
+    assert not process.is_running()

@@ -1,0 +1,90 @@
+"""Starting a worker process: load the models once, then consume their queues with Celery."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+
+import redis
+
+from shared.celery_app import make_celery, model_queue
+from shared.config import Settings
+from shared.ledger import Ledger
+from shared.registry import publish_heartbeat
+from shared.storage import open_storage
+from worker.chunk import WorkerContext
+from worker.models import LoadedModel, load_model
+from worker.tasks import register_tasks
+
+__all__ = ["load_models", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+
+def load_models(models: dict[str, str], device: str) -> dict[str, LoadedModel]:
+    """Load every model before taking work, so a bad path fails the start, not the first job."""
+    loaded = {}
+    for name, path in models.items():
+        log.info("loading model %s from %s on %s", name, path, device)
+        loaded[name] = load_model(name, path, device=device)
+    return loaded
+
+
+def run_worker(settings: Settings, models: dict[str, str], *, device: str = "cpu", loglevel: str = "INFO") -> None:
+    """Run one worker process (one per GPU) until it is told to stop."""
+    if not models:
+        raise SystemExit("no models to serve: pass --model NAME=PATH or set SDFARM_MODELS")
+    loaded = load_models(models, device)
+    client = redis.Redis.from_url(settings.redis_url)
+    ledger = Ledger(client, status_ttl_s=settings.status_ttl_s, lease_s=settings.lease_s)
+    storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
+    worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    ctx = WorkerContext(settings=settings, ledger=ledger, storage=storage, models=loaded, worker_id=worker_id)
+    app = make_celery(settings)
+    register_tasks(app, ctx)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(ctx, device, stop), name="heartbeat", daemon=True)
+    beat.start()
+    queues = [model_queue(name) for name in loaded]
+    log.info("worker %s serving %s on %s", worker_id, ", ".join(loaded), device)
+    try:
+        worker = app.Worker(
+            hostname=f"{worker_id}@{socket.gethostname()}",
+            pool="solo",
+            concurrency=1,
+            prefetch_multiplier=1,
+            queues=queues,
+            loglevel=loglevel,
+            without_gossip=True,
+            without_mingle=True,
+            without_heartbeat=True,
+        )
+        worker.start()
+    finally:
+        stop.set()
+        client.delete(ledger.keys.worker(worker_id))
+
+
+def _heartbeat(ctx: WorkerContext, device: str, stop: threading.Event) -> None:
+    record = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": device,
+        "models": sorted(ctx.models),
+        "model_hashes": {name: m.model_hash for name, m in ctx.models.items()},
+    }
+    interval = ctx.settings.worker_ttl_s / 3
+    while True:
+        try:
+            publish_heartbeat(
+                ctx.ledger.redis, ctx.ledger.keys, ctx.worker_id,
+                {**record, "current": ctx.current, "images_done": ctx.images_done},
+                ctx.settings.worker_ttl_s,
+            )
+        except redis.RedisError as e:
+            log.warning("worker %s: heartbeat failed: %s", ctx.worker_id, e)
+        if stop.wait(interval):
+            return
