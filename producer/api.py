@@ -36,12 +36,18 @@ class Farm:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.redis = redis.Redis.from_url(settings.redis_url)
-        self.ledger = Ledger(self.redis, status_ttl_s=settings.status_ttl_s, lease_s=settings.lease_s)
-        self.storage: Storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
+        self.ledger = Ledger(
+            self.redis, status_ttl_s=settings.status_ttl_s, lease_s=settings.lease_s
+        )
+        self.storage: Storage = open_storage(
+            settings.storage_url, endpoint_url=settings.s3_endpoint_url
+        )
         self.celery = make_celery(settings)
         self.dispatcher = Dispatcher(settings, self.ledger, self.celery)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self.dispatcher.run, args=(self._stop,), name="dispatcher", daemon=True)
+        self._thread = threading.Thread(
+            target=self.dispatcher.run, args=(self._stop,), name="dispatcher", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -85,7 +91,12 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
         yield
         farm.stop()
 
-    app = FastAPI(title="sdfarm", version="0.1.0", lifespan=lifespan, description="A render farm for Stable Diffusion.")
+    app = FastAPI(
+        title="sdfarm",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="A render farm for Stable Diffusion.",
+    )
     _install_error_handlers(app)
 
     @app.get("/healthz")
@@ -137,7 +148,9 @@ def create_app(settings: Settings, *, run_dispatcher: bool = True) -> FastAPI:
         _check_job_id(job_id)
         record = f.ledger.job(job_id)
         if record["state"] != JobState.SUCCEEDED.value:
-            raise _Http(409, f"job {job_id} is {record['state']}; its image exists once it has succeeded")
+            raise _Http(
+                409, f"job {job_id} is {record['state']}; its image exists once it has succeeded"
+            )
         key = record["result"]["key"]
         url = f.storage.url(key, f.settings.presign_expiry_s)
         if url is None:
@@ -166,7 +179,9 @@ class _Http(Exception):
 
 def _check_batch_id(batch_id: str) -> None:
     if not is_batch_id(batch_id):
-        raise _Http(404, f"no batch {batch_id[:40]!r}: batch ids look like b followed by 20 hex digits")
+        raise _Http(
+            404, f"no batch {batch_id[:40]!r}: batch ids look like b followed by 20 hex digits"
+        )
 
 
 def _check_job_id(job_id: str) -> None:
@@ -179,7 +194,10 @@ def _job_public(record: dict[str, Any]) -> JobPublic:
         job_id=record["job_id"],
         batch_id=record["batch_id"],
         state=record["state"],
-        progress={"step": record.get("step", 0), "steps": record.get("steps", record["spec"]["steps"])},
+        progress={
+            "step": record.get("step", 0),
+            "steps": record.get("steps", record["spec"]["steps"]),
+        },
         spec=record["spec"],
         attempts=record.get("attempts", 0),
         worker=record.get("worker"),
@@ -219,10 +237,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         ]
         first = problems[0] if problems else {"field": None, "message": "invalid request"}
         where = f"`{first['field']}`: " if first["field"] else ""
-        return JSONResponse({"error": f"{where}{first['message']}", "problems": problems}, status_code=422)
+        return JSONResponse(
+            {"error": f"{where}{first['message']}", "problems": problems}, status_code=422
+        )
 
     @app.exception_handler(redis.RedisError)
     async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
         log.warning("redis error on %s: %s", request.url.path, exc)
-        return JSONResponse({"error": "the job ledger (Redis) is unavailable; try again"}, status_code=503)
-
+        return JSONResponse(
+            {"error": "the job ledger (Redis) is unavailable; try again"}, status_code=503
+        )

@@ -26,7 +26,9 @@ WORKER_COMMANDS = ("worker", "render", "model")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdfarm", description="An asynchronous render farm for Stable Diffusion.")
+    parser = argparse.ArgumentParser(
+        prog="sdfarm", description="An asynchronous render farm for Stable Diffusion."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -37,19 +39,34 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("dispatcher", help="run a dispatcher alone (one is active across the farm)")
 
-    p = sub.add_parser("submit", help="submit prompts (FILE: .txt one prompt a line, .jsonl one job a line)")
+    p = sub.add_parser(
+        "submit", help="submit prompts (FILE: .txt one prompt a line, .jsonl one job a line)"
+    )
     p.add_argument("file", nargs="?", type=Path)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    for name, kind in (("model", str), ("scheduler", str), ("steps", int), ("guidance", float), ("width", int), ("height", int), ("seed", int), ("negative-prompt", str)):
+    for name, kind in (
+        ("model", str),
+        ("scheduler", str),
+        ("steps", int),
+        ("guidance", float),
+        ("width", int),
+        ("height", int),
+        ("seed", int),
+        ("negative-prompt", str),
+    ):
         p.add_argument(f"--{name}", type=kind)
-    p.add_argument("--wait", action="store_true", help="wait with a progress bar until the batch ends")
+    p.add_argument(
+        "--wait", action="store_true", help="wait with a progress bar until the batch ends"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("status", help="show a batch or a job")
     p.add_argument("id")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("wait", help="wait for a batch with a progress bar; exit 1 if any job failed")
+    p = sub.add_parser(
+        "wait", help="wait for a batch with a progress bar; exit 1 if any job failed"
+    )
     p.add_argument("batch_id")
     p.add_argument("--timeout", type=float, default=None, help="seconds")
     p.add_argument("--json", action="store_true")
@@ -73,7 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
 
     # Worker-side commands: their options are parsed by worker.cli.
-    for name, help_text in (("worker", "run a GPU worker process"), ("render", "render one image in-process"), ("model", "model tools (make-tiny)")):
+    for name, help_text in (
+        ("worker", "run a GPU worker process"),
+        ("render", "render one image in-process"),
+        ("model", "model tools (make-tiny)"),
+    ):
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -90,7 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(argv)
     if args.command not in WORKER_COMMANDS and rest:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.command in WORKER_COMMANDS:
         return _run_worker_command(args.command, rest)
     handler: Callable[[argparse.Namespace], int] = _HANDLERS[args.command]
@@ -149,7 +173,11 @@ def _dispatcher(args: argparse.Namespace) -> int:
     from shared.ledger import Ledger
 
     settings = Settings()
-    ledger = Ledger(redis.Redis.from_url(settings.redis_url), status_ttl_s=settings.status_ttl_s, lease_s=settings.lease_s)
+    ledger = Ledger(
+        redis.Redis.from_url(settings.redis_url),
+        status_ttl_s=settings.status_ttl_s,
+        lease_s=settings.lease_s,
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -163,7 +191,17 @@ def _up(args: argparse.Namespace) -> int:
     models: dict[str, str] = {}
     for entry in args.model:
         models.update(parse_models(entry))
-    return run_local_farm(workers=args.workers, models=models, storage=args.storage, api_port=args.port, state_dir=args.state_dir.resolve(), device=args.device) or EXIT_OK
+    return (
+        run_local_farm(
+            workers=args.workers,
+            models=models,
+            storage=args.storage,
+            api_port=args.port,
+            state_dir=args.state_dir.resolve(),
+            device=args.device,
+        )
+        or EXIT_OK
+    )
 
 
 # -- client commands ------------------------------------------------------------------------------
@@ -180,8 +218,14 @@ def _read_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
     defaults = {
         key: value
         for key, value in {
-            "model": args.model, "scheduler": args.scheduler, "steps": args.steps, "guidance": args.guidance,
-            "width": args.width, "height": args.height, "seed": args.seed, "negative_prompt": args.negative_prompt,
+            "model": args.model,
+            "scheduler": args.scheduler,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "width": args.width,
+            "height": args.height,
+            "seed": args.seed,
+            "negative_prompt": args.negative_prompt,
         }.items()
         if value is not None
     }
@@ -203,7 +247,9 @@ def _read_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
                     raise InvalidJob(f"{args.file}:{number}: each line must be a JSON object")
                 jobs.append({**defaults, **job})
         else:
-            jobs += [{**defaults, "prompt": line.strip()} for line in text.splitlines() if line.strip()]
+            jobs += [
+                {**defaults, "prompt": line.strip()} for line in text.splitlines() if line.strip()
+            ]
     if not jobs:
         raise InvalidJob("nothing to submit: give a FILE or --prompt TEXT")
     return jobs
@@ -215,7 +261,10 @@ def _submit(args: argparse.Namespace) -> int:
         if args.json and not args.wait:
             print(json.dumps(submitted))
             return EXIT_OK
-        print(f"batch {submitted['batch_id']}: {len(submitted['job_ids'])} jobs queued", file=sys.stderr)
+        print(
+            f"batch {submitted['batch_id']}: {len(submitted['job_ids'])} jobs queued",
+            file=sys.stderr,
+        )
         if not args.wait:
             print(submitted["batch_id"])
             return EXIT_OK
@@ -240,7 +289,9 @@ def _wait(args: argparse.Namespace) -> int:
         return _wait_and_report(client, args.batch_id, as_json=args.json, timeout_s=args.timeout)
 
 
-def _wait_and_report(client: Any, batch_id: str, *, as_json: bool, timeout_s: float | None = None) -> int:
+def _wait_and_report(
+    client: Any, batch_id: str, *, as_json: bool, timeout_s: float | None = None
+) -> int:
     from producer import views
 
     status = views.wait_with_progress(client, batch_id, timeout_s=timeout_s, quiet=as_json)

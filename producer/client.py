@@ -22,9 +22,18 @@ FINAL = ("succeeded", "failed", "cancelled")
 class FarmClient:
     """Talks to `sdfarm api`. Errors come back as the farm's own error tree."""
 
-    def __init__(self, api_url: str, api_key: str | None = None, *, timeout_s: float = 30.0, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        api_url: str,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=api_url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport)
+        self.http = httpx.Client(
+            base_url=api_url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -60,7 +69,13 @@ class FarmClient:
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/healthz").json()  # type: ignore[no-any-return]
 
-    def submit(self, jobs: Sequence[dict[str, Any]] | None = None, *, prompts: Sequence[str] | None = None, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    def submit(
+        self,
+        jobs: Sequence[dict[str, Any]] | None = None,
+        *,
+        prompts: Sequence[str] | None = None,
+        defaults: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"defaults": defaults or {}}
         if jobs is not None:
             body["jobs"] = list(jobs)
@@ -74,7 +89,9 @@ class FarmClient:
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}").json()  # type: ignore[no-any-return]
 
-    def jobs(self, batch_id: str, *, state: str | None = None, page: int = 500) -> Iterator[dict[str, Any]]:
+    def jobs(
+        self, batch_id: str, *, state: str | None = None, page: int = 500
+    ) -> Iterator[dict[str, Any]]:
         cursor: int | None = 0
         while cursor is not None:
             params: dict[str, Any] = {"cursor": cursor, "limit": page}
@@ -101,7 +118,14 @@ class FarmClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("DELETE", f"/v1/jobs/{job_id}").json()  # type: ignore[no-any-return]
 
-    def wait(self, batch_id: str, *, poll_s: float = 0.5, timeout_s: float | None = None, on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def wait(
+        self,
+        batch_id: str,
+        *,
+        poll_s: float = 0.5,
+        timeout_s: float | None = None,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Poll until every job of the batch is final; returns the last batch status."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
@@ -111,7 +135,9 @@ class FarmClient:
             if sum(status["counts"][s] for s in FINAL) == status["total"]:
                 return status
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"batch {batch_id} not finished after {timeout_s}s: {status['counts']}")
+                raise TimeoutError(
+                    f"batch {batch_id} not finished after {timeout_s}s: {status['counts']}"
+                )
             time.sleep(poll_s)
 
     def fetch(self, batch_id: str, out_dir: Path) -> list[Path]:

@@ -46,7 +46,15 @@ return 0
 class Dispatcher:
     """Moves queued jobs from the ledger to Celery queues, a few chunks ahead of the workers."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, celery: Celery, *, lock_ttl_s: float = 5.0, reconcile_every_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        celery: Celery,
+        *,
+        lock_ttl_s: float = 5.0,
+        reconcile_every_s: float = 1.0,
+    ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.redis: redis.Redis = ledger.redis
@@ -118,8 +126,12 @@ class Dispatcher:
         return sent
 
     def send(self, model: str, job_ids: list[str]) -> None:
-        self.celery.send_task(RENDER_CHUNK, args=[job_ids], kwargs={"model": model}, queue=model_queue(model))
-        log.info("sent chunk of %d jobs to %s (first %s)", len(job_ids), model_queue(model), job_ids[0])
+        self.celery.send_task(
+            RENDER_CHUNK, args=[job_ids], kwargs={"model": model}, queue=model_queue(model)
+        )
+        log.info(
+            "sent chunk of %d jobs to %s (first %s)", len(job_ids), model_queue(model), job_ids[0]
+        )
 
     # -- reconcile ------------------------------------------------------------------------------
 
@@ -133,7 +145,11 @@ class Dispatcher:
             result = self.ledger.transition(job_id, [JobState.QUEUED], JobState.QUEUED)
             if result.applied:
                 counts["resent"] += 1
-                log.warning("job %s: sent but not started in %.0fs; sending again", job_id, self.settings.dispatch_timeout_s)
+                log.warning(
+                    "job %s: sent but not started in %.0fs; sending again",
+                    job_id,
+                    self.settings.dispatch_timeout_s,
+                )
             else:
                 self.redis.zrem(self.ledger.keys.inflight(), job_id)
         return counts
@@ -144,12 +160,19 @@ class Dispatcher:
         reason = f"worker {worker} stopped renewing its lease (lost or killed)"
         if record["attempts"] >= self.settings.max_attempts:
             result = self.ledger.transition(
-                job_id, [JobState.RUNNING], JobState.FAILED,
-                {"error": f"{reason}; gave up after {record['attempts']} attempts", "finished_at": time.time()},
+                job_id,
+                [JobState.RUNNING],
+                JobState.FAILED,
+                {
+                    "error": f"{reason}; gave up after {record['attempts']} attempts",
+                    "finished_at": time.time(),
+                },
             )
             outcome = "failed"
         else:
-            result = self.ledger.transition(job_id, [JobState.RUNNING], JobState.QUEUED, {"last_error": reason})
+            result = self.ledger.transition(
+                job_id, [JobState.RUNNING], JobState.QUEUED, {"last_error": reason}
+            )
             outcome = "requeued"
         if result.applied:
             log.warning("job %s: %s; %s", job_id, reason, outcome)

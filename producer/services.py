@@ -32,6 +32,7 @@ __all__ = [
     "ManagedProcess",
     "RedisService",
     "S3Service",
+    "Service",
     "ServiceStartError",
     "free_port",
     "free_ports",
@@ -141,7 +142,7 @@ class ManagedProcess:
                     elapsed = time.monotonic() - started
                     log.info("%s ready after %.2f s", self.name, elapsed)
                     return elapsed
-            except Exception as e:  # noqa: BLE001 - a failing probe only means "not ready yet"
+            except Exception as e:
                 last_error = e
             if time.monotonic() - started > timeout_s:
                 raise ServiceStartError(
@@ -174,12 +175,6 @@ class ManagedProcess:
             return
         self._signal(signal.SIGKILL)
         self._popen.wait()
-
-    def restart(self, timeout_s: float = 30.0) -> float:
-        """Stop, start with the same command line, and wait until ready again."""
-        self.stop()
-        self.start()
-        return self.wait_ready(timeout_s)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -250,26 +245,37 @@ def weed_binary() -> str:
 
 
 @dataclass
-class RedisService:
-    """A private redis-server; `restart()` brings it back on the same port over the same data."""
+class Service:
+    """A service process and how to start it again: same command line, port and data."""
 
     process: ManagedProcess
     port: int
     data_dir: Path
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout_s: float = 30.0) -> None:
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start and wait until ready; a service that does not come up is stopped again."""
         self.process.start()
-        self.process.wait_ready(timeout_s)
+        try:
+            self.process.wait_ready(timeout_s)
+        except BaseException:
+            self.process.stop()
+            raise
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self.process.stop(timeout_s)
 
-    def restart(self, timeout_s: float = 30.0) -> None:
-        self.process.restart(timeout_s)
+    def restart(self, timeout_s: float = 60.0) -> None:
+        self.stop()
+        self.start(timeout_s)
+
+
+@dataclass
+class RedisService(Service):
+    """A private redis-server; `restart()` brings it back on the same port over the same data."""
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
 
 
 def start_redis(
@@ -300,7 +306,7 @@ def start_redis(
     service = RedisService(
         ManagedProcess("redis", argv, log_dir=data_dir, ready=ping), port, data_dir
     )
-    _start_or_clean_up(service.process, timeout_s)
+    service.start(timeout_s)
     return service
 
 
@@ -319,12 +325,9 @@ def s3_client_config() -> Any:
 
 
 @dataclass
-class S3Service:
+class S3Service(Service):
     """A private SeaweedFS (`weed mini`) with one bucket and one set of credentials."""
 
-    process: ManagedProcess
-    port: int
-    data_dir: Path
     access_key: str
     secret_key: str
     bucket: str
@@ -338,6 +341,7 @@ class S3Service:
     def client(self, **config: Any) -> Any:
         """A boto3 S3 client for this store (extra botocore Config options may be given)."""
         import boto3
+        from botocore.config import Config
 
         return boto3.client(
             "s3",
@@ -345,18 +349,8 @@ class S3Service:
             aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key,
             region_name=self.region,
-            config=s3_client_config().merge(_botocore_config(**config)),
+            config=s3_client_config().merge(Config(**config)),
         )
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        self.process.start()
-        self.process.wait_ready(timeout_s)
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self.process.stop(timeout_s)
-
-    def restart(self, timeout_s: float = 60.0) -> None:
-        self.process.restart(timeout_s)
 
 
 def start_seaweedfs(
@@ -382,17 +376,13 @@ def start_seaweedfs(
     internal |= {f"{n}.port.grpc": chosen.pop() for n in [*names, "s3"]}
 
     config_path = data_dir / "s3-identities.json"
-    identities = {
-        "identities": [
-            {
-                "name": "sdfarm",
-                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }
-        ]
+    identity = {
+        "name": "sdfarm",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }
     config_path.touch(mode=0o600)  # it holds the secret key
-    config_path.write_text(json.dumps(identities))
+    config_path.write_text(json.dumps({"identities": [identity]}))
 
     argv = [
         weed_binary(),
@@ -421,29 +411,24 @@ def start_seaweedfs(
         bucket=bucket,
         internal_ports=internal,
     )
+    # Up means the S3 API answers a signed request; until then any error means "not yet".
     probe = service.client(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1})
-
-    def bucket_ready() -> None:
-        probe.list_buckets()
-        with contextlib.suppress(probe.exceptions.BucketAlreadyOwnedByYou):
-            probe.create_bucket(Bucket=bucket)
-        probe.head_bucket(Bucket=bucket)
-
-    service.process.ready = bucket_ready
-    _start_or_clean_up(service.process, timeout_s)
+    service.process.ready = probe.list_buckets
+    service.start(timeout_s)
+    try:
+        _create_bucket(service.client(), bucket)
+    except BaseException:
+        service.stop()
+        raise
     return service
 
 
-def _botocore_config(**options: Any) -> Any:
-    from botocore.config import Config
+def _create_bucket(client: Any, bucket: str) -> None:
+    from botocore.exceptions import ClientError
 
-    return Config(**options)
-
-
-def _start_or_clean_up(process: ManagedProcess, timeout_s: float) -> None:
-    process.start()
     try:
-        process.wait_ready(timeout_s)
-    except BaseException:
-        process.stop()
-        raise
+        client.create_bucket(Bucket=bucket)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass  # started again over the same data directory
+    except ClientError as e:
+        raise ServiceStartError(f"the S3 store refused to create bucket {bucket!r}: {e}") from e

@@ -70,15 +70,21 @@ def validate_jobs(job_dicts: Iterable[Mapping[str, Any]], settings: Settings) ->
         )
     if problems:
         first = problems[0]
-        where = f"job {first['job']}" + (f", field `{first['field']}`" if first.get("field") else "")
+        where = f"job {first['job']}" + (
+            f", field `{first['field']}`" if first.get("field") else ""
+        )
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise InvalidJob(f"{where}: {first['message']}{more}", problems)
     if not specs:
-        raise InvalidJob("the batch holds no jobs", [{"job": None, "field": "jobs", "message": "empty"}])
+        raise InvalidJob(
+            "the batch holds no jobs", [{"job": None, "field": "jobs", "message": "empty"}]
+        )
     return specs
 
 
-def _check_against_settings(spec: JobSpec, settings: Settings, known: list[str]) -> dict[str, Any] | None:
+def _check_against_settings(
+    spec: JobSpec, settings: Settings, known: list[str]
+) -> dict[str, Any] | None:
     if len(spec.prompt) > settings.max_prompt_chars:
         return {
             "field": "prompt",
@@ -93,9 +99,16 @@ def _check_against_settings(spec: JobSpec, settings: Settings, known: list[str])
         }
     model = spec.model or settings.resolve_default_model()
     if model is None:
-        return {"field": "model", "message": "no models are configured on this farm (SDFARM_MODELS)"}
+        return {
+            "field": "model",
+            "message": "no models are configured on this farm (SDFARM_MODELS)",
+        }
     if model not in known:
-        return {"field": "model", "value": model, "message": f"unknown model {model!r}; known: {', '.join(known)}"}
+        return {
+            "field": "model",
+            "value": model,
+            "message": f"unknown model {model!r}; known: {', '.join(known)}",
+        }
     return None
 
 
@@ -106,9 +119,7 @@ def _describe(index: int, error: ValidationError) -> list[dict[str, Any]]:
         value = item.get("input")
         shown = value if isinstance(value, int | float | bool) or value is None else _short(value)
         message = item["msg"]
-        if item["type"] == "literal_error":
-            message = f"{message} (got {shown!r})"
-        elif item["type"] not in {"missing", "extra_forbidden"}:
+        if item["type"] == "literal_error" or item["type"] not in {"missing", "extra_forbidden"}:
             message = f"{message} (got {shown!r})"
         out.append({"job": index, "field": field, "value": shown, "message": message})
     return out

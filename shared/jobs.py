@@ -17,17 +17,17 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from shared.errors import InvalidJob
 
 __all__ = [
+    "SCHEDULERS",
+    "TERMINAL_STATES",
     "BatchCreate",
     "JobSpec",
     "JobState",
-    "SCHEDULERS",
-    "TERMINAL_STATES",
     "batch_of",
     "compat_key",
     "is_batch_id",
     "is_job_id",
-    "new_batch_id",
     "job_id_for",
+    "new_batch_id",
 ]
 
 # Sampler names a job may ask for; the worker maps each to a diffusers scheduler class.

@@ -238,7 +238,9 @@ class Ledger:
             return None
         return Chunk(model=model, compat=compat, job_ids=ids)
 
-    def renew_leases(self, worker: str, job_ids: Sequence[str], progress: tuple[int, int] | None = None) -> set[str]:
+    def renew_leases(
+        self, worker: str, job_ids: Sequence[str], progress: tuple[int, int] | None = None
+    ) -> set[str]:
         """Extend the leases `worker` holds and write progress; return ids whose cancel was asked."""
         if not job_ids:
             return set()

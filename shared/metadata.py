@@ -34,7 +34,14 @@ def infotext(spec: dict[str, Any], *, model_name: str, model_hash: str | None = 
     return "\n".join(lines)
 
 
-def encode_png(pixels: Image.Image, spec: dict[str, Any], *, model_name: str, model_hash: str | None, extra: dict[str, Any] | None = None) -> bytes:
+def encode_png(
+    pixels: Image.Image,
+    spec: dict[str, Any],
+    *,
+    model_name: str,
+    model_hash: str | None,
+    extra: dict[str, Any] | None = None,
+) -> bytes:
     """PNG bytes with the `parameters` chunk and an `sdfarm` JSON chunk holding the full spec."""
     info = PngInfo()
     info.add_text("parameters", infotext(spec, model_name=model_name, model_hash=model_hash))

@@ -13,7 +13,9 @@ from shared.keys import Keys
 __all__ = ["live_workers", "publish_heartbeat"]
 
 
-def publish_heartbeat(client: redis.Redis, keys: Keys, worker_id: str, record: dict[str, Any], ttl_s: float) -> None:
+def publish_heartbeat(
+    client: redis.Redis, keys: Keys, worker_id: str, record: dict[str, Any], ttl_s: float
+) -> None:
     """Write (or renew) the worker's record; it disappears `ttl_s` after the last call."""
     key = keys.worker(worker_id)
     fields = {name: json.dumps(value) for name, value in record.items()}

@@ -47,7 +47,9 @@ class Storage(Protocol):
 class S3Storage:
     """Any S3-compatible store through boto3 (AWS, MinIO, SeaweedFS)."""
 
-    def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, bucket: str, prefix: str, *, endpoint_url: str | None, timeout_s: float = 30.0
+    ) -> None:
         import boto3
         from botocore.config import Config
 
@@ -61,6 +63,7 @@ class S3Storage:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             s3={"addressing_style": "path"},
+            signature_version="s3v4",  # presigned URLs carry X-Amz-Expires and work everywhere
         )
         self.client: Any = boto3.client("s3", endpoint_url=endpoint_url, config=config)
 

@@ -61,8 +61,9 @@ def diffusers_images(pipe: StableDiffusionPipeline, rows: list[Row]) -> list[np.
 
 
 def max_difference(ours: list[np.ndarray], theirs: list[np.ndarray]) -> int:
-    assert len(ours) == len(theirs)
-    return max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(ours, theirs))
+    return max(
+        int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(ours, theirs, strict=True)
+    )
 
 
 def report(capsys: pytest.CaptureFixture[str], what: str, difference: int) -> None:
@@ -159,10 +160,8 @@ def test_the_tokenizer_loads_in_transformers_and_wraps_a_prompt_in_bos_and_eos(
     ids = tokenizer("a photo of a cat").input_ids
     # Then it starts with <|startoftext|>, ends with <|endoftext|>, and pads as SD 1.x's does
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
-    assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == ["a</w>", "photo</w>", "of</w>"] + [
-        "a</w>",
-        "cat</w>",
-    ]
+    words = ["a</w>", "photo</w>", "of</w>", "a</w>", "cat</w>"]
+    assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == words
     assert tokenizer.decode(ids, skip_special_tokens=True) == "a photo of a cat"
     assert tokenizer.model_max_length == 77 and tokenizer.pad_token == "<|endoftext|>"
 

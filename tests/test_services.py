@@ -1,4 +1,4 @@
-"""Stories about the local services that tests and `sdfarm up` start: Redis, SeaweedFS, processes."""
+"""Stories about the local services that tests and `sdfarm up` start."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_a_second_s3_store_runs_beside_the_first_without_a_clash(
 ) -> None:
     # Given the session store, and a second one started beside it
     other = start_seaweedfs(
-        tmp_path, access_key="otherkey1", secret_key="othersecret1", bucket="b2"
+        tmp_path, access_key="otherkey1", secret_key="othersecret1", bucket="other-bucket"
     )
     try:
         # Then no port is shared, and each store keeps its own objects
@@ -83,9 +83,13 @@ def test_a_second_s3_store_runs_beside_the_first_without_a_clash(
             s3_service.port,
             *s3_service.internal_ports.values(),
         }
-        other.client().put_object(Bucket="b2", Key="only-here", Body=b"x")
-        assert other.client().get_object(Bucket="b2", Key="only-here")["Body"].read() == b"x"
-        assert "b2" not in {b["Name"] for b in s3_service.client().list_buckets()["Buckets"]}
+        other.client().put_object(Bucket="other-bucket", Key="only-here", Body=b"x")
+        assert (
+            other.client().get_object(Bucket="other-bucket", Key="only-here")["Body"].read() == b"x"
+        )
+        assert "other-bucket" not in {
+            b["Name"] for b in s3_service.client().list_buckets()["Buckets"]
+        }
     finally:
         other.stop()
 
@@ -93,7 +97,8 @@ def test_a_second_s3_store_runs_beside_the_first_without_a_clash(
 def test_a_service_that_dies_at_start_reports_the_end_of_its_log(tmp_path: Path) -> None:
     # Given a command that prints a reason and exits before it is ever ready
     script = "import sys; print('port already in use', flush=True); sys.exit(3)"
-    process = ManagedProcess("doomed", [sys.executable, "-c", script], log_dir=tmp_path)
+    argv = [sys.executable, "-c", script]
+    process = ManagedProcess("doomed", argv, log_dir=tmp_path, ready=lambda: False)
 
     # When we wait for it to become ready
     with process, pytest.raises(ServiceStartError) as raised:

@@ -90,7 +90,9 @@ class _ChunkMonitor:
 
     def _beat(self) -> None:
         try:
-            self.cancelled |= self.ctx.ledger.renew_leases(self.ctx.worker_id, self.job_ids, self.progress)
+            self.cancelled |= self.ctx.ledger.renew_leases(
+                self.ctx.worker_id, self.job_ids, self.progress
+            )
         except Exception as e:  # a Redis blip must not kill the render; the lease may lapse
             log.warning("heartbeat for chunk %s failed: %s", self.job_ids[0], e)
 
@@ -110,7 +112,9 @@ def process_chunk(ctx: WorkerContext, job_ids: Sequence[str], model_name: str) -
             outcome.skipped.append(job_id)
             continue
         started = ctx.ledger.transition(
-            job_id, [JobState.QUEUED], JobState.RUNNING,
+            job_id,
+            [JobState.QUEUED],
+            JobState.RUNNING,
             {"worker": ctx.worker_id, "started_at": time.time(), "step": 0, "steps": spec.steps},
         )
         if started.applied:
@@ -129,17 +133,29 @@ def process_chunk(ctx: WorkerContext, job_ids: Sequence[str], model_name: str) -
     return outcome
 
 
-def _render_and_store(ctx: WorkerContext, model: LoadedModel, claimed: list[tuple[str, JobSpec]], outcome: ChunkOutcome) -> None:
+def _render_and_store(
+    ctx: WorkerContext,
+    model: LoadedModel,
+    claimed: list[tuple[str, JobSpec]],
+    outcome: ChunkOutcome,
+) -> None:
     ids = [job_id for job_id, _ in claimed]
     first = claimed[0][1]
-    params = PassParams(steps=first.steps, width=first.width, height=first.height, scheduler=first.scheduler)
-    rows = [Row(prompt=s.prompt, negative_prompt=s.negative_prompt, seed=_seed(s), guidance=s.guidance) for _, s in claimed]
+    params = PassParams(
+        steps=first.steps, width=first.width, height=first.height, scheduler=first.scheduler
+    )
+    rows = [
+        Row(prompt=s.prompt, negative_prompt=s.negative_prompt, seed=_seed(s), guidance=s.guidance)
+        for _, s in claimed
+    ]
     with _ChunkMonitor(ctx, ids) as monitor:
         try:
             result = render_pass(model, rows, params, on_step=monitor.on_step)
         except RenderCancelled:
             for job_id in ids:
-                _finish(ctx, job_id, JobState.CANCELLED, {"error": "cancelled while rendering"}, outcome)
+                _finish(
+                    ctx, job_id, JobState.CANCELLED, {"error": "cancelled while rendering"}, outcome
+                )
             return
         except Exception as e:  # the pass failed for every row: record why, per job
             log.exception("chunk %s: render failed", ids[0])
@@ -148,15 +164,32 @@ def _render_and_store(ctx: WorkerContext, model: LoadedModel, claimed: list[tupl
             return
         for (job_id, spec), pixels in zip(claimed, result.images, strict=True):
             if job_id in monitor.cancelled:
-                _finish(ctx, job_id, JobState.CANCELLED, {"error": "cancelled while rendering"}, outcome)
+                _finish(
+                    ctx, job_id, JobState.CANCELLED, {"error": "cancelled while rendering"}, outcome
+                )
                 continue
             _store_one(ctx, model, job_id, spec, pixels, result.timings, len(claimed), outcome)
 
 
-def _store_one(ctx: WorkerContext, model: LoadedModel, job_id: str, spec: JobSpec, pixels: Any, timings: dict[str, float], rows: int, outcome: ChunkOutcome) -> None:
+def _store_one(
+    ctx: WorkerContext,
+    model: LoadedModel,
+    job_id: str,
+    spec: JobSpec,
+    pixels: Any,
+    timings: dict[str, float],
+    rows: int,
+    outcome: ChunkOutcome,
+) -> None:
     spec_dict = spec.model_dump()
     key = image_key(ctx.storage.prefix, batch_of(job_id), job_id)
-    data = encode_png(Image.fromarray(pixels), spec_dict, model_name=model.name, model_hash=model.model_hash, extra={"job_id": job_id})
+    data = encode_png(
+        Image.fromarray(pixels),
+        spec_dict,
+        model_name=model.name,
+        model_hash=model.model_hash,
+        extra={"job_id": job_id},
+    )
     try:
         ctx.storage.put(key, data, "image/png")
     except StorageError as e:
@@ -173,7 +206,9 @@ def _store_one(ctx: WorkerContext, model: LoadedModel, job_id: str, spec: JobSpe
     ctx.images_done += 1
 
 
-def _finish(ctx: WorkerContext, job_id: str, state: JobState, fields: dict[str, Any], outcome: ChunkOutcome) -> None:
+def _finish(
+    ctx: WorkerContext, job_id: str, state: JobState, fields: dict[str, Any], outcome: ChunkOutcome
+) -> None:
     fields.setdefault("finished_at", time.time())
     result = ctx.ledger.transition(job_id, [JobState.RUNNING], state, fields)
     if not result.applied:
@@ -188,9 +223,17 @@ def _give_back_or_fail(ctx: WorkerContext, job_id: str, reason: str, outcome: Ch
     """Retry later while attempts remain; then fail with the reason of the last attempt."""
     record = ctx.ledger.job(job_id)
     if record["attempts"] >= ctx.settings.max_attempts:
-        _finish(ctx, job_id, JobState.FAILED, {"error": f"{reason} (after {record['attempts']} attempts)"}, outcome)
+        _finish(
+            ctx,
+            job_id,
+            JobState.FAILED,
+            {"error": f"{reason} (after {record['attempts']} attempts)"},
+            outcome,
+        )
         return
-    result = ctx.ledger.transition(job_id, [JobState.RUNNING], JobState.QUEUED, {"last_error": reason})
+    result = ctx.ledger.transition(
+        job_id, [JobState.RUNNING], JobState.QUEUED, {"last_error": reason}
+    )
     if result.applied:
         outcome.requeued.append(job_id)
         log.warning("job %s: handed back for another attempt: %s", job_id, reason)

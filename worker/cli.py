@@ -20,15 +20,25 @@ log = logging.getLogger(__name__)
 
 
 def _worker_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdfarm worker", description="Run a worker process (one per GPU).")
-    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="a model to keep resident (default: SDFARM_MODELS)")
+    p = argparse.ArgumentParser(
+        prog="sdfarm worker", description="Run a worker process (one per GPU)."
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a model to keep resident (default: SDFARM_MODELS)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--loglevel", default="INFO")
     return p
 
 
 def _render_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdfarm render", description="Render one image in-process, with the worker's code.")
+    p = argparse.ArgumentParser(
+        prog="sdfarm render", description="Render one image in-process, with the worker's code."
+    )
     p.add_argument("--model", required=True, help="a diffusers model directory")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
@@ -88,21 +98,39 @@ def _render(args: argparse.Namespace) -> int:
 
     try:
         spec = JobSpec(
-            prompt=args.prompt, negative_prompt=args.negative_prompt, model=Path(args.model).name,
-            scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
-            width=args.width, height=args.height, seed=args.seed,
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            model=Path(args.model).name,
+            scheduler=args.scheduler,
+            steps=args.steps,
+            guidance=args.guidance,
+            width=args.width,
+            height=args.height,
+            seed=args.seed,
         )
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         raise InvalidJob(f"--{'-'.join(str(p) for p in first['loc'])}: {first['msg']}") from e
     assert spec.seed is not None
     model = load_model(spec.model or "model", args.model, device=args.device)
-    params = PassParams(steps=spec.steps, width=spec.width, height=spec.height, scheduler=spec.scheduler)
-    row = Row(prompt=spec.prompt, negative_prompt=spec.negative_prompt, seed=spec.seed, guidance=spec.guidance)
+    params = PassParams(
+        steps=spec.steps, width=spec.width, height=spec.height, scheduler=spec.scheduler
+    )
+    row = Row(
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        seed=spec.seed,
+        guidance=spec.guidance,
+    )
     result = render_pass(model, [row], params)
     from PIL import Image
 
-    data = encode_png(Image.fromarray(result.images[0]), spec.model_dump(), model_name=model.name, model_hash=model.model_hash)
+    data = encode_png(
+        Image.fromarray(result.images[0]),
+        spec.model_dump(),
+        model_name=model.name,
+        model_hash=model.model_hash,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(data)
     print(f"{args.out} ({', '.join(f'{k} {v:.2f}s' for k, v in result.timings.items())})")

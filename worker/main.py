@@ -33,7 +33,9 @@ def load_models(models: dict[str, str], device: str) -> dict[str, LoadedModel]:
     return loaded
 
 
-def run_worker(settings: Settings, models: dict[str, str], *, device: str = "cpu", loglevel: str = "INFO") -> None:
+def run_worker(
+    settings: Settings, models: dict[str, str], *, device: str = "cpu", loglevel: str = "INFO"
+) -> None:
     """Run one worker process (one per GPU) until it is told to stop."""
     if not models:
         raise SystemExit("no models to serve: pass --model NAME=PATH or set SDFARM_MODELS")
@@ -42,11 +44,15 @@ def run_worker(settings: Settings, models: dict[str, str], *, device: str = "cpu
     ledger = Ledger(client, status_ttl_s=settings.status_ttl_s, lease_s=settings.lease_s)
     storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    ctx = WorkerContext(settings=settings, ledger=ledger, storage=storage, models=loaded, worker_id=worker_id)
+    ctx = WorkerContext(
+        settings=settings, ledger=ledger, storage=storage, models=loaded, worker_id=worker_id
+    )
     app = make_celery(settings)
     register_tasks(app, ctx)
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(ctx, device, stop), name="heartbeat", daemon=True)
+    beat = threading.Thread(
+        target=_heartbeat, args=(ctx, device, stop), name="heartbeat", daemon=True
+    )
     beat.start()
     queues = [model_queue(name) for name in loaded]
     log.info("worker %s serving %s on %s", worker_id, ", ".join(loaded), device)
@@ -80,7 +86,9 @@ def _heartbeat(ctx: WorkerContext, device: str, stop: threading.Event) -> None:
     while True:
         try:
             publish_heartbeat(
-                ctx.ledger.redis, ctx.ledger.keys, ctx.worker_id,
+                ctx.ledger.redis,
+                ctx.ledger.keys,
+                ctx.worker_id,
                 {**record, "current": ctx.current, "images_done": ctx.images_done},
                 ctx.settings.worker_ttl_s,
             )

@@ -129,7 +129,9 @@ def load_model(
                 root / "unet", torch_dtype=dtype, local_files_only=True
             )
             component = "vae"
-            vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype, local_files_only=True)
+            vae = AutoencoderKL.from_pretrained(
+                root / "vae", torch_dtype=dtype, local_files_only=True
+            )
         component = "hash"
         short_hash = model_hash(root)
     except ModelLoadError:

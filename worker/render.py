@@ -25,6 +25,7 @@ def render_to_file(
     row: Row,
     params: PassParams,
     out: Path,
+    *,
     device: str = "cpu",
     pnginfo: PngInfo | None = None,
 ) -> PassResult:

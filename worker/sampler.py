@@ -97,12 +97,14 @@ def _encode(model: LoadedModel, texts: list[str]) -> torch.Tensor:
     tokens = tokenizer(
         texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
     )
-    # SD's CLIP was trained without a mask (padding attends); only a config that asks gets one.
+    # SD's U-Net was trained on CLIP states computed without an attention mask, padding included;
+    # as in diffusers, only a text encoder whose config asks for a mask gets one.
     attention_mask = None
     if getattr(model.text_encoder.config, "use_attention_mask", False):
         attention_mask = tokens.attention_mask.to(model.device)
-    hidden = model.text_encoder(tokens.input_ids.to(model.device), attention_mask=attention_mask)[0]
-    return hidden.to(dtype=model.dtype)
+    output = model.text_encoder(tokens.input_ids.to(model.device), attention_mask=attention_mask)
+    hidden: torch.Tensor = output[0].to(dtype=model.dtype)
+    return hidden
 
 
 def _initial_noise(model: LoadedModel, rows: Sequence[Row], params: PassParams) -> torch.Tensor:
@@ -150,7 +152,7 @@ def render_pass(
         timesteps = scheduler.timesteps
 
         # 3. Prepare latents: per-row seeded noise, scaled to the scheduler's starting sigma.
-        latents = _initial_noise(model, rows, params)
+        latents = _initial_noise(model, rows, params) * scheduler.init_noise_sigma
 
         # 4. Denoise. The scheduler turns the U-Net's output into the next latents whatever the
         # model predicts (epsilon or v), so nothing here assumes a prediction type.

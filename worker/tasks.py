@@ -23,7 +23,9 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
     @app.task(name=RENDER_CHUNK, acks_late=True, reject_on_worker_lost=True, max_retries=0)
     def render_chunk(job_ids: Any, model: Any = None) -> dict[str, int]:
         # Retries are the ledger's business (attempts, leases), never Celery's.
-        if not isinstance(job_ids, list) or not all(isinstance(j, str) and is_job_id(j) for j in job_ids):
+        if not isinstance(job_ids, list) or not all(
+            isinstance(j, str) and is_job_id(j) for j in job_ids
+        ):
             raise InvalidJob(f"render_chunk needs a list of job ids, got {job_ids!r:.200}")
         if not isinstance(model, str):
             raise InvalidJob(f"render_chunk needs a model name, got {model!r:.100}")

@@ -60,7 +60,12 @@ def _unet() -> UNet2DConditionModel:
             "CrossAttnDownBlock2D",
             "DownBlock2D",
         ),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        up_block_types=(
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
         block_out_channels=(32, 32, 64, 64),
         layers_per_block=1,
         attention_head_dim=8,  # SD 1.x's value (it is the number of heads there too)

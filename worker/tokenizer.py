@@ -13,6 +13,7 @@ import json
 import logging
 import re
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 __all__ = ["BOS_TOKEN", "EOS_TOKEN", "MODEL_MAX_LENGTH", "write_tokenizer"]
@@ -24,7 +25,7 @@ EOS_TOKEN = "<|endoftext|>"
 MODEL_MAX_LENGTH = 77  # CLIP's context: 75 prompt tokens plus bos and eos
 END_OF_WORD = "</w>"
 
-# Typical prompt vocabulary; repetition is deliberate, since frequency decides which merges come first.
+# Typical prompt vocabulary. Repeats are deliberate: frequency decides which merges come first.
 CORPUS = """
 a photo of a cat, highly detailed, oil painting, trending on artstation, sharp focus
 a photograph of an astronaut riding a horse on the moon, cinematic lighting, 8k, octane render
@@ -119,7 +120,7 @@ def learn_merges(text: str, num_merges: int) -> list[tuple[str, str]]:
     while len(merges) < num_merges:
         pairs: Counter[tuple[str, str]] = Counter()
         for word, count in words.items():
-            for pair in zip(word, word[1:], strict=False):
+            for pair in pairwise(word):
                 pairs[pair] += count
         if not pairs:
             raise ValueError(

@@ -1,0 +1,345 @@
+"""`sdfarm up`: a whole farm on this machine — Redis, an S3 store, the API and N workers.
+
+Everything binds to 127.0.0.1 and lives under one state directory, so a second `sdfarm up` over
+the same directory picks up the queue (Redis AOF) and the images where the first one stopped:
+
+    STATE_DIR/redis/    Redis data (AOF) and redis.log
+    STATE_DIR/s3/       SeaweedFS data, its identities file and seaweedfs.log   (storage "s3")
+    STATE_DIR/images/   the images                                               (storage "file")
+    STATE_DIR/models/   the tiny model, made when no model is given
+    STATE_DIR/logs/     api.log, worker-N.log, make-tiny.log
+    STATE_DIR/env       `export` lines for the farm's settings, for `source`
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Self
+
+import httpx
+import redis
+
+from producer.services import (
+    ManagedProcess,
+    RedisService,
+    S3Service,
+    ServiceStartError,
+    free_port,
+    start_redis,
+    start_seaweedfs,
+)
+from shared.keys import Keys
+from shared.registry import live_workers
+
+__all__ = ["LocalFarm", "make_tiny_model", "run_local_farm"]
+
+log = logging.getLogger(__name__)
+
+BUCKET = "sdfarm"
+STORAGES = ("s3", "file")
+API_READY_TIMEOUT_S = 60.0  # the API imports FastAPI and connects to Redis: seconds at most
+WORKER_READY_TIMEOUT_S = 600.0  # a worker loading real weights from a cold disk can take minutes
+WORKER_STOP_TIMEOUT_S = 30.0  # a stopping worker first finishes the chunk it is rendering
+WATCH_INTERVAL_S = 0.5  # how often `sdfarm up` looks for a child that died
+
+
+def make_tiny_model(model_dir: Path, log_dir: Path) -> Path:
+    """Write the tiny model with `sdfarm model make-tiny` (a subprocess: it needs torch), once."""
+    if (model_dir / "model_index.json").is_file():
+        return model_dir
+    # Written beside the target and renamed, so an interrupted run never leaves half a model.
+    partial = model_dir.with_name(model_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "make-tiny.log"
+    argv = [sys.executable, "-m", "producer", "model", "make-tiny", str(partial)]
+    with log_path.open("ab") as out:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, check=False)
+    if done.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+        raise ServiceStartError(
+            f"`sdfarm model make-tiny` failed with status {done.returncode}; "
+            f"the end of {log_path}:\n{tail}"
+        )
+    partial.rename(model_dir)
+    return model_dir
+
+
+class LocalFarm:
+    """Redis, an S3 store (or a directory), the API and N worker processes, started in order.
+
+    `start()` returns once the API answers /healthz; workers may still be loading their models
+    (`wait_for_workers()` waits for their heartbeats). `stop()` stops everything in reverse.
+    """
+
+    redis: RedisService
+    api: ManagedProcess
+    api_url: str
+
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        workers: int = 1,
+        models: Mapping[str, str] | None = None,
+        storage: str = "s3",
+        api_port: int | None = None,
+        device: str = "cpu",
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        if workers < 0:
+            raise ValueError(f"`workers` must be 0 or more, got {workers}")
+        if storage not in STORAGES:
+            raise ValueError(f"`storage` must be one of {', '.join(STORAGES)}, got {storage!r}")
+        self.state_dir = Path(state_dir).resolve()
+        self.log_dir = self.state_dir / "logs"
+        self.worker_count = workers
+        self.models = dict(models or {})
+        self.storage = storage
+        self.api_port = api_port
+        self.device = device
+        self.extra_env = dict(extra_env or {})
+        self.api_key = secrets.token_urlsafe(32)
+        self.s3: S3Service | None = None
+        self.workers: list[ManagedProcess] = []
+        self.env: dict[str, str] = {}
+        self._started: list[ManagedProcess] = []  # in start order, for the reverse stop
+        self._ledger_redis: redis.Redis | None = None
+
+    # -- starting and stopping --------------------------------------------------------------------
+
+    def start(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not self.models:
+            self.models = {
+                "tiny": str(make_tiny_model(self.state_dir / "models" / "tiny", self.log_dir))
+            }
+        self.redis = start_redis(self.state_dir / "redis")
+        self._started.append(self.redis.process)
+        self._ledger_redis = redis.Redis.from_url(self.redis.url)
+        if self.storage == "s3":
+            self.s3 = start_seaweedfs(
+                self.state_dir / "s3",
+                access_key=f"sdfarm{secrets.token_hex(8)}",
+                secret_key=secrets.token_urlsafe(30),
+                bucket=BUCKET,
+            )
+            self._started.append(self.s3.process)
+        self.env = self._child_env()
+        port = self.api_port or free_port()
+        self.api_url = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "producer", "api", "--host", "127.0.0.1", "--port", str(port)]
+        self.api = ManagedProcess(
+            "api", argv, log_dir=self.log_dir, env=self.env, ready=self._api_healthy
+        )
+        self._started.append(self.api.start())
+        self.api.wait_ready(API_READY_TIMEOUT_S)
+        for index in range(self.worker_count):
+            self.workers.append(self._worker(index))
+            self._started.append(self.workers[-1].start())
+        self._write_env_file()
+
+    def stop(self) -> None:
+        """Stop every child, last started first; a child that will not stop is killed."""
+        for process in reversed(self._started):
+            timeout_s = WORKER_STOP_TIMEOUT_S if process in self.workers else 10.0
+            try:
+                process.stop(timeout_s)
+            except Exception:
+                log.exception("could not stop %s", process.name)
+        self._started.clear()
+        if self._ledger_redis is not None:
+            self._ledger_redis.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- workers ----------------------------------------------------------------------------------
+
+    def _worker(self, index: int) -> ManagedProcess:
+        argv = [sys.executable, "-m", "producer", "worker", "--device", self.device]
+        for name, path in self.models.items():
+            argv += ["--model", f"{name}={path}"]
+        process = ManagedProcess(f"worker-{index}", argv, log_dir=self.log_dir, env=self.env)
+        # Ready once its heartbeat is in the registry: by then its models are loaded.
+        process.ready = functools.partial(self._worker_is_live, process)
+        return process
+
+    def _worker_is_live(self, process: ManagedProcess) -> bool:
+        assert self._ledger_redis is not None
+        return process.pid in {w.get("pid") for w in live_workers(self._ledger_redis, Keys())}
+
+    def wait_for_workers(self, timeout_s: float = WORKER_READY_TIMEOUT_S) -> None:
+        """Wait until every worker has published its heartbeat (its models are loaded)."""
+        deadline = time.monotonic() + timeout_s
+        for process in self.workers:
+            process.wait_ready(max(0.0, deadline - time.monotonic()))
+
+    def kill_worker(self, index: int) -> None:
+        """SIGKILL one worker, as a crash would (for fault tests)."""
+        self.workers[index].kill()
+
+    def restart_worker(self, index: int) -> None:
+        """Start a worker again (stopping it first if it still runs) with the same command line."""
+        self.workers[index].stop(WORKER_STOP_TIMEOUT_S)
+        self.workers[index].start()
+
+    def dead_processes(self) -> list[ManagedProcess]:
+        """Started children that have exited since (a healthy farm has none)."""
+        return [p for p in self._started if p.returncode is not None]
+
+    def live_worker_indexes(self) -> set[int]:
+        return {i for i, w in enumerate(self.workers) if w.is_running() and self._worker_is_live(w)}
+
+    # -- environment ------------------------------------------------------------------------------
+
+    def _child_env(self) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",  # logs reach the log files as they happen
+            "SDFARM_REDIS_URL": self.redis.url,
+            "SDFARM_MODELS": ",".join(f"{name}={path}" for name, path in self.models.items()),
+            "SDFARM_API_KEYS": self.api_key,
+            **self.extra_env,
+        }
+        if self.s3 is not None:
+            env |= {
+                "SDFARM_STORAGE_URL": f"s3://{self.s3.bucket}/images",
+                "SDFARM_S3_ENDPOINT_URL": self.s3.endpoint_url,
+                "AWS_ACCESS_KEY_ID": self.s3.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.s3.secret_key,
+                "AWS_DEFAULT_REGION": self.s3.region,
+            }
+        else:
+            env["SDFARM_STORAGE_URL"] = f"file://{self.state_dir / 'images'}"
+            env.pop("SDFARM_S3_ENDPOINT_URL", None)
+        return env
+
+    def client_env(self) -> dict[str, str]:
+        """What a client (or a worker started by hand) needs to use this farm."""
+        names = [
+            "SDFARM_REDIS_URL", "SDFARM_STORAGE_URL", "SDFARM_S3_ENDPOINT_URL", "SDFARM_MODELS",
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+        ]  # fmt: skip
+        shared = {name: self.env[name] for name in names if name in self.env}
+        return {"SDFARM_API_URL": self.api_url, "SDFARM_API_KEY": self.api_key, **shared}
+
+    def _write_env_file(self) -> Path:
+        path = self.state_dir / "env"
+        lines = [f"export {name}={shlex.quote(value)}" for name, value in self.client_env().items()]
+        path.touch(mode=0o600)  # it holds the API key and the S3 secret
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def _api_healthy(self) -> bool:
+        return httpx.get(f"{self.api_url}/healthz", timeout=2.0).status_code == 200
+
+
+def run_local_farm(
+    *,
+    workers: int,
+    models: dict[str, str],
+    storage: str,
+    api_port: int | None,
+    state_dir: Path,
+    device: str = "cpu",
+) -> int:
+    """`sdfarm up`: start a farm, print how to use it, run until Ctrl-C or SIGTERM.
+
+    Returns 0 after a requested stop, 1 when a child died on its own (everything is then stopped).
+    """
+    farm = LocalFarm(
+        state_dir=state_dir,
+        workers=workers,
+        models=models,
+        storage=storage,
+        api_port=api_port,
+        device=device,
+    )
+    # SIGTERM takes the same path as Ctrl-C: out of the wait, into the orderly stop below.
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        print(f"starting a local farm in {farm.state_dir} ...", flush=True)
+        farm.start()
+        _print_summary(farm)
+        return _watch(farm)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        # A second Ctrl-C must not cut the stop short and leave children behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("stopping the farm ...", flush=True)
+        farm.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _watch(farm: LocalFarm) -> int:
+    announced: set[int] = set()
+    while True:
+        time.sleep(WATCH_INTERVAL_S)
+        dead = farm.dead_processes()
+        if dead:
+            for process in dead:
+                print(
+                    f"error: {process.name} exited with status {process.returncode}; "
+                    f"the end of {process.log_path}:\n{process.log_tail(15)}",
+                    file=sys.stderr,
+                )
+            return 1
+        if len(announced) < len(farm.workers):
+            with contextlib.suppress(redis.RedisError):
+                for index in sorted(farm.live_worker_indexes() - announced):
+                    print(f"worker-{index} is ready ({farm.device})", flush=True)
+                    announced.add(index)
+
+
+def _print_summary(farm: LocalFarm) -> None:
+    storage = farm.s3.endpoint_url if farm.s3 is not None else farm.env["SDFARM_STORAGE_URL"]
+    print(
+        f"\nsdfarm is up: {farm.worker_count} worker(s) on {farm.device} "
+        f"(loading {', '.join(farm.models)}), logs in {farm.log_dir}\n"
+        f"  API       {farm.api_url}  (docs at {farm.api_url}/docs)\n"
+        f"  Redis     {farm.redis.url}\n"
+        f"  storage   {storage}\n\n"
+        "In another shell:\n"
+        f"  export SDFARM_API_URL={farm.api_url}\n"
+        f"  export SDFARM_API_KEY={farm.api_key}\n"
+        f"or: source {farm.state_dir / 'env'}\n\n"
+        "Ctrl-C stops the farm.",
+        flush=True,
+    )
