@@ -13,6 +13,7 @@ import redis
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer.dispatcher import Dispatcher
 from producer.schemas import BatchPublic, JobPublic, JobsPage, Submitted
@@ -213,6 +214,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(_Http)
     async def http_error(request: Request, exc: _Http) -> JSONResponse:
         return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_default(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request refused"
+        if exc.status_code == 404:
+            message = f"nothing at {request.url.path[:80]!r}; the routes are listed at /docs"
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(InvalidJob)
     async def invalid(request: Request, exc: InvalidJob) -> JSONResponse:

@@ -11,6 +11,7 @@ again. Duplicated deliveries are harmless: a terminal or running job is skipped 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -70,7 +71,7 @@ class Dispatcher:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Dispatch while holding the lock; otherwise wait to take over. Returns when `stop` is set."""
+        """Dispatch while holding the lock, else wait to take over; return when `stop` is set."""
         key = self.ledger.keys.dispatcher_lock()
         while not stop.is_set():
             try:
@@ -85,10 +86,8 @@ class Dispatcher:
                 log.warning("dispatcher %s: redis unavailable (%s); retrying", self.node_id, e)
                 stop.wait(1.0)
         if self.active:
-            try:
+            with contextlib.suppress(redis.RedisError):  # the lock expires on its own anyway
                 self._release_lock(keys=[key], args=[self.node_id])
-            except redis.RedisError:
-                pass
 
     def _hold_lock(self, key: str) -> bool:
         ttl_ms = int(self.lock_ttl_s * 1000)

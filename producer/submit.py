@@ -88,8 +88,8 @@ def _check_against_settings(
     if len(spec.prompt) > settings.max_prompt_chars:
         return {
             "field": "prompt",
-            "message": f"prompt is {len(spec.prompt)} characters; at most {settings.max_prompt_chars} "
-            "are allowed (setting max_prompt_chars)",
+            "message": f"prompt is {len(spec.prompt)} characters; at most "
+            f"{settings.max_prompt_chars} are allowed (setting max_prompt_chars)",
         }
     if len(spec.negative_prompt) > settings.max_prompt_chars:
         return {

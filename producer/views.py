@@ -39,10 +39,13 @@ def batch_table(batch: dict[str, Any]) -> str:
 
 def job_text(job: dict[str, Any]) -> str:
     progress = job.get("progress") or {}
+    spec = job["spec"]
+    step = f"step {progress.get('step', 0)}/{progress.get('steps', '?')}"
     lines = [
-        f"job {job['job_id']}: {job['state']} (step {progress.get('step', 0)}/{progress.get('steps', '?')}, attempts {job.get('attempts', 0)})",
-        f"  prompt: {job['spec']['prompt']}",
-        f"  seed {job['spec']['seed']}, {job['spec']['width']}x{job['spec']['height']}, {job['spec']['steps']} steps, {job['spec']['scheduler']}",
+        f"job {job['job_id']}: {job['state']} ({step}, attempts {job.get('attempts', 0)})",
+        f"  prompt: {spec['prompt']}",
+        f"  seed {spec['seed']}, {spec['width']}x{spec['height']}, {spec['steps']} steps, "
+        f"{spec['scheduler']}, guidance {spec['guidance']}",
     ]
     if job.get("result"):
         lines.append(f"  image: {job['result']['uri']}")

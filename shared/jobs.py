@@ -60,7 +60,7 @@ class JobSpec(BaseModel):
     model: str | None = Field(default=None, description="A configured model name.")
     scheduler: Literal["lms"] = Field(default="lms", description="Sampler name.")
     steps: int = Field(default=30, ge=1, le=MAX_STEPS, description="Denoising steps.")
-    guidance: float = Field(default=7.5, ge=0.0, le=30.0, description="Classifier-free guidance.")
+    guidance: float = Field(default=7.5, ge=1.0, le=30.0, description="Classifier-free guidance.")
     width: int = Field(default=512, ge=64, le=MAX_SIDE, description="Pixels, a multiple of 8.")
     height: int = Field(default=512, ge=64, le=MAX_SIDE, description="Pixels, a multiple of 8.")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Fixed at submit.")

@@ -114,10 +114,9 @@ class Ledger:
         last_seq = self.redis.incrby(self.keys.sequence(), len(by_compat))
         pipe = self.redis.pipeline(transaction=True)
         batch_key = self.keys.batch(batch_id)
-        counters = {state: 0 for state in STATES} | {JobState.QUEUED.value: len(specs)}
-        pipe.hset(
-            batch_key, mapping={"total": len(specs), "created_at": now, **counters, **(meta or {})}
-        )
+        record: dict[Any, Any] = {"total": len(specs), "created_at": now, **(meta or {})}
+        record |= {state: 0 for state in STATES} | {JobState.QUEUED.value: len(specs)}
+        pipe.hset(batch_key, mapping=record)
         pipe.expire(batch_key, ttl)
         for start in range(0, len(job_ids), _SUBMIT_SLICE):
             pipe.rpush(self.keys.batch_jobs(batch_id), *job_ids[start : start + _SUBMIT_SLICE])
@@ -208,7 +207,7 @@ class Ledger:
         to: JobState,
         fields: dict[str, Any] | None = None,
     ) -> Transition:
-        """Like `transition` but raise IllegalTransition when refused (for callers that expect it)."""
+        """Like `transition`, but raise IllegalTransition when the change is refused."""
         result = self.transition(job_id, allowed_from, to, fields)
         if not result.applied:
             raise IllegalTransition(f"job {job_id}: {result.previous} -> {to.value} is not allowed")
@@ -241,7 +240,7 @@ class Ledger:
     def renew_leases(
         self, worker: str, job_ids: Sequence[str], progress: tuple[int, int] | None = None
     ) -> set[str]:
-        """Extend the leases `worker` holds and write progress; return ids whose cancel was asked."""
+        """Extend the leases `worker` holds, write progress; return ids with a cancel request."""
         if not job_ids:
             return set()
         until = repr(time.time() + self.lease_s)
@@ -262,5 +261,5 @@ class Ledger:
         return state in {s.value for s in TERMINAL_STATES}
 
 
-def _s(value: bytes | str) -> str:
+def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else value

@@ -18,7 +18,7 @@ def publish_heartbeat(
 ) -> None:
     """Write (or renew) the worker's record; it disappears `ttl_s` after the last call."""
     key = keys.worker(worker_id)
-    fields = {name: json.dumps(value) for name, value in record.items()}
+    fields: dict[Any, Any] = {name: json.dumps(value) for name, value in record.items()}
     fields["last_seen"] = json.dumps(time.time())
     pipe = client.pipeline(transaction=False)
     pipe.hset(key, mapping=fields)

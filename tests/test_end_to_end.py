@@ -17,7 +17,9 @@ from tests.fixtures_model import tiny_model_dir  # noqa: F401
 PROMPTS = [f"a watercolor of lighthouse number {i}, stormy sea" for i in range(24)]
 
 
-def test_24_prompts_through_the_api_end_as_24_pngs_in_s3(farm_env: FarmEnv, serve_api, s3_service) -> None:
+def test_24_prompts_through_the_api_end_as_24_pngs_in_s3(
+    farm_env: FarmEnv, serve_api, s3_service
+) -> None:
     # Given a farm with two worker processes serving the tiny model
     farm_env.start_worker()
     farm_env.start_worker()
@@ -26,7 +28,10 @@ def test_24_prompts_through_the_api_end_as_24_pngs_in_s3(farm_env: FarmEnv, serv
 
     # When 24 prompts are submitted through the API
     with FarmClient(api_url) as client:
-        submitted = client.submit(prompts=PROMPTS, defaults={"width": 64, "height": 64, "steps": 8, "negative_prompt": "blurry"})
+        submitted = client.submit(
+            prompts=PROMPTS,
+            defaults={"width": 64, "height": 64, "steps": 8, "negative_prompt": "blurry"},
+        )
         status = client.wait(submitted["batch_id"], poll_s=0.2, timeout_s=300)
         jobs = list(client.jobs(submitted["batch_id"]))
 
@@ -66,7 +71,9 @@ def test_image_route_redirects_to_a_presigned_url(farm_env: FarmEnv, serve_api) 
     farm_env.start_worker()
     api_url = serve_api(farm_env.settings)
     with FarmClient(api_url) as client:
-        submitted = client.submit(prompts=["a red apple"], defaults={"width": 64, "height": 64, "steps": 4, "seed": 7})
+        submitted = client.submit(
+            prompts=["a red apple"], defaults={"width": 64, "height": 64, "steps": 4, "seed": 7}
+        )
         client.wait(submitted["batch_id"], poll_s=0.2, timeout_s=180)
         job_id = submitted["job_ids"][0]
         # When its image is asked for, Then the redirect leads to the PNG in S3

@@ -17,7 +17,11 @@ from shared.ledger import STATES, Ledger
 
 
 def _ledger(redis_url: str, **kw: float) -> Ledger:
-    return Ledger(redis.Redis.from_url(redis_url), status_ttl_s=int(kw.get("ttl", 3600)), lease_s=kw.get("lease", 30.0))
+    return Ledger(
+        redis.Redis.from_url(redis_url),
+        status_ttl_s=int(kw.get("ttl", 3600)),
+        lease_s=kw.get("lease", 30.0),
+    )
 
 
 def _specs(n: int, **overrides: object) -> list[JobSpec]:
@@ -117,7 +121,9 @@ def test_status_records_expire_but_pending_lists_do_not(redis_url: str) -> None:
     assert ledger.redis.ttl(pending) == -1
 
 
-def test_a_job_whose_worker_died_is_queued_again_then_failed_after_max_attempts(redis_url: str) -> None:
+def test_a_job_whose_worker_died_is_queued_again_then_failed_after_max_attempts(
+    redis_url: str,
+) -> None:
     # Given a job taken by a worker that then stopped renewing its lease
     settings = Settings(redis_url=redis_url, max_attempts=2, lease_s=0.2, models={"tiny": "/x"})
     ledger = _ledger(redis_url, lease=0.2)

@@ -23,10 +23,6 @@ from worker.tiny import make_tiny
 
 # numpy 2.4 warns when torch's Tensor.__array__ lacks a `copy` argument, and LMSDiscreteScheduler
 # calls np.array(tensor) when it is built and in set_timesteps; nothing on our side can avoid it.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
-)
-
 PIXEL_TOLERANCE = 2  # levels of 255, per channel
 PARAMS = PassParams(steps=10, width=64, height=64)
 GUIDANCE = 7.5
@@ -173,7 +169,7 @@ def test_the_tiny_model_folder_is_under_10_mb(tiny_model_dir: Path) -> None:  # 
 
 def test_a_width_not_divisible_by_8_is_refused_with_the_value(model: LoadedModel) -> None:
     params = PassParams(steps=2, width=500, height=64)
-    with pytest.raises(InvalidJob, match="`width` has to be a positive multiple of 8 but is 500"):
+    with pytest.raises(InvalidJob, match="`width` has to be divisible by 8 but is 500"):
         render_pass(model, [Row("a cat", "", 1, GUIDANCE)], params)
 
 

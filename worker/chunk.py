@@ -78,7 +78,7 @@ class _ChunkMonitor:
         self._thread.join()
 
     def on_step(self, step: int, steps: int) -> None:
-        """Called by the sampling loop after every step; raises when the whole chunk was cancelled."""
+        """Called after every sampling step; raises once every job of the chunk is cancelled."""
         self.progress = (step, steps)
         if self.cancelled and self.cancelled.issuperset(self.job_ids):
             raise RenderCancelled(f"all {len(self.job_ids)} jobs of the chunk were cancelled")
@@ -171,7 +171,7 @@ def _render_and_store(
             _store_one(ctx, model, job_id, spec, pixels, result.timings, len(claimed), outcome)
 
 
-def _store_one(
+def _store_one(  # noqa: PLR0917 - one call site, each argument named there
     ctx: WorkerContext,
     model: LoadedModel,
     job_id: str,

@@ -1,9 +1,10 @@
 """The sampling loop: one batched pass of text-to-image over rows that share a model and settings.
 
 Written out in numbered steps, as diffusers' pipeline_stable_diffusion.py is, and kept step for
-step equal to it (tests/test_parity.py holds it to the pipeline's pixels), with two differences a
-render farm needs: every row has its own prompt, negative prompt, seed and guidance scale, and
-progress is reported after every step through `on_step`, which may raise to cancel the pass.
+step equal to it (tests/test_parity.py holds it to the pipeline's pixels), with what a render
+farm needs on top: every row has its own prompt, negative prompt, seed and guidance scale;
+progress is reported after every step through `on_step`, which may raise to cancel the pass; and
+the starting noise is always drawn in float32, so a seed means the same noise on every worker.
 
     1. encode prompts and negative prompts with the CLIP text encoder
     2. set the scheduler's timesteps
@@ -67,8 +68,10 @@ def _check(model: LoadedModel, rows: Sequence[Row], params: PassParams) -> None:
         raise InvalidJob(f"`steps` has to be at least 1 but is {params.steps}")
     factor = model.vae_scale_factor
     for field, value in (("width", params.width), ("height", params.height)):
-        if value <= 0 or value % factor:
-            raise InvalidJob(f"`{field}` has to be a positive multiple of {factor} but is {value}")
+        if value <= 0:
+            raise InvalidJob(f"`{field}` has to be positive but is {value}")
+        if value % factor:
+            raise InvalidJob(f"`{field}` has to be divisible by {factor} but is {value}")
 
 
 @contextmanager
@@ -110,9 +113,11 @@ def _encode(model: LoadedModel, texts: list[str]) -> torch.Tensor:
 def _initial_noise(model: LoadedModel, rows: Sequence[Row], params: PassParams) -> torch.Tensor:
     """Each row's noise from its own CPU generator: an image never depends on its batch-mates.
 
-    Drawn on the CPU, in the model's dtype, one (1, C, h, w) tensor per seed, exactly as
-    diffusers' randn_tensor does with a list of CPU generators, so a seed gives the same image
-    here, in diffusers, and on any GPU.
+    One (1, C, h, w) draw per seed on the CPU, as diffusers' randn_tensor does with a list of CPU
+    generators, but always in float32 and only then cast to the model's dtype (as A1111 does):
+    torch's CPU sampler does not give the same numbers in float16 as in float32 on every machine
+    (seen on an H200 host with torch 2.11), so drawing in the model's dtype would let a seed's
+    noise depend on the worker's dtype, CPU and torch build.
     """
     shape = (
         1,
@@ -120,11 +125,8 @@ def _initial_noise(model: LoadedModel, rows: Sequence[Row], params: PassParams) 
         params.height // model.vae_scale_factor,
         params.width // model.vae_scale_factor,
     )
-    noise = [
-        torch.randn(shape, generator=torch.Generator().manual_seed(row.seed), dtype=model.dtype)
-        for row in rows
-    ]
-    return torch.cat(noise).to(model.device)
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(row.seed)) for row in rows]
+    return torch.cat(noise).to(device=model.device, dtype=model.dtype)
 
 
 def render_pass(

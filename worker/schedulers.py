@@ -13,6 +13,8 @@ from typing import Any
 from diffusers import LMSDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from shared.metadata import SAMPLER_LABELS
+
 __all__ = ["SAMPLER_LABELS", "SCHEDULERS", "make_scheduler"]
 
 SchedulerFactory = Callable[[Mapping[str, Any]], SchedulerMixin]
@@ -23,10 +25,6 @@ SCHEDULERS: dict[str, SchedulerFactory] = {
     "lms": lambda config: LMSDiscreteScheduler.from_config(dict(config)),
 }
 
-# The names AUTOMATIC1111's web UI writes in the "Sampler:" field of PNG infotext.
-SAMPLER_LABELS: dict[str, str] = {
-    "lms": "LMS",
-}
 
 
 def make_scheduler(name: str, scheduler_config: Mapping[str, Any]) -> SchedulerMixin:
