@@ -1,33 +1,43 @@
 """The `sdfarm` command. Worker commands (`worker`, `render`, `model`) live in `worker.cli` and
-are imported only when run, so the client-only install works without torch.
+are imported only when run, so the client-only install works without torch; the client commands
+live in `producer.commands`.
 
-Exit codes: 0 all succeeded, 1 some jobs failed or were cancelled, 2 bad input,
-3 cannot reach the farm.
+Exit codes:
+    0  all jobs succeeded (or, for a command that only reads or asks, it did so)
+    1  some jobs failed or were cancelled (or a wait timed out)
+    2  bad input: a refused field (the message names it), an unknown id, a missing or wrong key
+    3  cannot reach the farm (or the farm answered with a server error)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
+from producer.commands import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    HANDLERS,
+)
 from shared.config import Settings, parse_models
-from shared.errors import FarmUnreachable, InvalidJob, SdfarmError, UnknownId
+from shared.errors import AccessDenied, FarmUnreachable, InvalidJob, SdfarmError, UnknownId
 
 __all__ = ["command_names", "main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 WORKER_COMMANDS = ("worker", "render", "model")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sdfarm", description="An asynchronous render farm for Stable Diffusion."
+        prog="sdfarm",
+        description="An asynchronous render farm for Stable Diffusion.",
+        epilog="Exit codes: 0 all succeeded, 1 some failed or were cancelled, 2 bad input, "
+        "3 cannot reach the farm.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -54,32 +64,43 @@ def _parser() -> argparse.ArgumentParser:
         ("seed", int),
         ("negative-prompt", str),
     ):
-        p.add_argument(f"--{name}", type=kind)
-    p.add_argument(
-        "--wait", action="store_true", help="wait with a progress bar until the batch ends"
-    )
-    p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument(f"--{name}", type=kind, help="applies to every job without its own")
+    p.add_argument("--priority", type=int, help="0-9, 9 the most urgent (default 5)")
+    p.add_argument("--callback-url", help="POSTed a signed summary when the batch ends")
+    p.add_argument("--idempotency-key", help="repeat a submission safely: same key, same batch")
+    _waiting(p)
 
-    p = sub.add_parser("status", help="show a batch or a job")
-    p.add_argument("id")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("status", help="show a batch (counts, queue position, ETA) or a job")
+    p.add_argument("id", help="a batch id or a job id")
+    _json(p)
 
-    p = sub.add_parser(
-        "wait", help="wait for a batch with a progress bar; exit 1 if any job failed"
-    )
+    p = sub.add_parser("batches", help="list recent batches, newest first")
+    p.add_argument("--limit", type=int, default=20)
+    _json(p)
+
+    p = sub.add_parser("wait", help="wait for a batch with a progress bar, then list its jobs")
     p.add_argument("batch_id")
     p.add_argument("--timeout", type=float, default=None, help="seconds")
-    p.add_argument("--json", action="store_true")
+    _json(p)
 
-    p = sub.add_parser("fetch", help="download a batch's images (skips files already intact)")
+    p = sub.add_parser("fetch", help="download a batch's images and manifest (resumable)")
     p.add_argument("batch_id")
     p.add_argument("--out", type=Path, default=Path("out"))
+    _json(p)
 
-    p = sub.add_parser("cancel", help="cancel a job")
-    p.add_argument("job_id")
+    p = sub.add_parser("cancel", help="cancel a job, or every job of a batch")
+    p.add_argument("id", help="a batch id or a job id")
+    _json(p)
+
+    p = sub.add_parser("retry", help="queue a batch's failed and cancelled jobs again, same seeds")
+    p.add_argument("batch_id")
+    _waiting(p)
 
     p = sub.add_parser("workers", help="list live workers")
-    p.add_argument("--json", action="store_true")
+    _json(p)
+
+    p = sub.add_parser("manifest", help="print a batch's manifest (NDJSON, one job a line)")
+    p.add_argument("batch_id")
 
     p = sub.add_parser("up", help="start a whole farm on this machine (Ctrl-C stops it)")
     p.add_argument("--workers", type=int, default=1)
@@ -99,6 +120,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON on stdout, nothing else")
+
+
+def _waiting(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true", help="show a progress bar until the batch ends")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
+    _json(p)
+
+
 def command_names() -> set[str]:
     """Every subcommand of `sdfarm` (the compose file's commands are checked against these)."""
     for action in _parser()._actions:
@@ -112,25 +143,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command not in WORKER_COMMANDS and rest:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command in WORKER_COMMANDS:
         return _run_worker_command(args.command, rest)
-    handler: Callable[[argparse.Namespace], int] = _HANDLERS[args.command]
+    if args.command in _SERVER_COMMANDS:
+        logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    handler = _SERVER_COMMANDS.get(args.command) or HANDLERS[args.command]
     try:
         return handler(args)
-    except InvalidJob as e:
-        _error(str(e), [p.get("message", "") for p in e.details[1:5]])
-        return EXIT_BAD_INPUT
-    except UnknownId as e:
-        _error(str(e))
+    except (InvalidJob, UnknownId, AccessDenied) as e:
+        details = e.details[1:5] if isinstance(e, InvalidJob) else []
+        _error(str(e), [p.get("message", "") for p in details])
         return EXIT_BAD_INPUT
     except FarmUnreachable as e:
         _error(str(e))
         return EXIT_UNREACHABLE
-    except SdfarmError as e:
+    except (SdfarmError, TimeoutError) as e:
         _error(str(e))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
         return EXIT_FAILED
 
 
@@ -204,135 +237,8 @@ def _up(args: argparse.Namespace) -> int:
     )
 
 
-# -- client commands ------------------------------------------------------------------------------
-
-
-def _client() -> Any:
-    from producer.client import FarmClient
-
-    settings = Settings()
-    return FarmClient(os.environ.get("SDFARM_API_URL", settings.api_url), settings.api_key)
-
-
-def _read_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    defaults = {
-        key: value
-        for key, value in {
-            "model": args.model,
-            "scheduler": args.scheduler,
-            "steps": args.steps,
-            "guidance": args.guidance,
-            "width": args.width,
-            "height": args.height,
-            "seed": args.seed,
-            "negative_prompt": args.negative_prompt,
-        }.items()
-        if value is not None
-    }
-    jobs: list[dict[str, Any]] = [{**defaults, "prompt": p} for p in args.prompt or []]
-    if args.file is not None:
-        try:
-            text = args.file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise InvalidJob(f"cannot read {args.file}: {e}") from e
-        if args.file.suffix in (".jsonl", ".ndjson"):
-            for number, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    job = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InvalidJob(f"{args.file}:{number}: not valid JSON ({e.msg})") from e
-                if not isinstance(job, dict):
-                    raise InvalidJob(f"{args.file}:{number}: each line must be a JSON object")
-                jobs.append({**defaults, **job})
-        else:
-            jobs += [
-                {**defaults, "prompt": line.strip()} for line in text.splitlines() if line.strip()
-            ]
-    if not jobs:
-        raise InvalidJob("nothing to submit: give a FILE or --prompt TEXT")
-    return jobs
-
-
-def _submit(args: argparse.Namespace) -> int:
-    with _client() as client:
-        submitted = client.submit(_read_jobs(args))
-        if args.json and not args.wait:
-            print(json.dumps(submitted))
-            return EXIT_OK
-        print(
-            f"batch {submitted['batch_id']}: {len(submitted['job_ids'])} jobs queued",
-            file=sys.stderr,
-        )
-        if not args.wait:
-            print(submitted["batch_id"])
-            return EXIT_OK
-        return _wait_and_report(client, submitted["batch_id"], as_json=args.json)
-
-
-def _status(args: argparse.Namespace) -> int:
-    from producer import views
-
-    with _client() as client:
-        if "-" in args.id:
-            job = client.job(args.id)
-            print(json.dumps(job, indent=2) if args.json else views.job_text(job))
-            return EXIT_OK
-        batch = client.batch(args.id)
-        print(json.dumps(batch) if args.json else views.batch_table(batch))
-        return EXIT_OK
-
-
-def _wait(args: argparse.Namespace) -> int:
-    with _client() as client:
-        return _wait_and_report(client, args.batch_id, as_json=args.json, timeout_s=args.timeout)
-
-
-def _wait_and_report(
-    client: Any, batch_id: str, *, as_json: bool, timeout_s: float | None = None
-) -> int:
-    from producer import views
-
-    status = views.wait_with_progress(client, batch_id, timeout_s=timeout_s, quiet=as_json)
-    if as_json:
-        print(json.dumps(status))
-    else:
-        views.print_results(client, batch_id, status)
-    return EXIT_OK if status["counts"]["succeeded"] == status["total"] else EXIT_FAILED
-
-
-def _fetch(args: argparse.Namespace) -> int:
-    with _client() as client:
-        paths = client.fetch(args.batch_id, args.out)
-        status = client.batch(args.batch_id)
-    print(f"{len(paths)} images in {args.out}")
-    return EXIT_OK if len(paths) == status["total"] else EXIT_FAILED
-
-
-def _cancel(args: argparse.Namespace) -> int:
-    with _client() as client:
-        print(json.dumps(client.cancel(args.job_id)))
-    return EXIT_OK
-
-
-def _workers(args: argparse.Namespace) -> int:
-    from producer import views
-
-    with _client() as client:
-        workers = client.workers()
-    print(json.dumps(workers) if args.json else views.workers_table(workers))
-    return EXIT_OK
-
-
-_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+_SERVER_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "api": _api,
     "dispatcher": _dispatcher,
     "up": _up,
-    "submit": _submit,
-    "status": _status,
-    "wait": _wait,
-    "fetch": _fetch,
-    "cancel": _cancel,
-    "workers": _workers,
 }

@@ -1,26 +1,32 @@
-"""A small client for the farm's HTTP API (httpx). Installs and runs without torch."""
+"""A small client for the farm's HTTP API (httpx). Installs and runs without torch.
+
+Errors come back as the farm's own error tree: a refused field is `InvalidJob`, an unknown id
+`UnknownId`, a missing or wrong key `AccessDenied`, an unreachable or failing farm
+`FarmUnreachable`.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from shared.errors import FarmUnreachable, InvalidJob, SdfarmError, UnknownId
+from shared.errors import AccessDenied, FarmUnreachable, InvalidJob, SdfarmError, UnknownId
 
-__all__ = ["FarmClient"]
+__all__ = ["FINAL", "FarmClient"]
 
 log = logging.getLogger(__name__)
 FINAL = ("succeeded", "failed", "cancelled")
+_NDJSON_PIECE = 500  # jobs per piece of a streamed NDJSON body
 
 
 class FarmClient:
-    """Talks to `sdfarm api`. Errors come back as the farm's own error tree."""
+    """Talks to `sdfarm api`."""
 
     def __init__(
         self,
@@ -49,25 +55,13 @@ class FarmClient:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as e:
             raise FarmUnreachable(f"cannot reach the farm at {self.http.base_url}: {e}") from e
-        if response.status_code < 400 or response.status_code in (307, 302):
-            return response
-        try:
-            body = response.json()
-        except ValueError:
-            body = {"error": response.text[:300]}
-        message = body.get("error", response.reason_phrase)
-        if response.status_code == 404:
-            raise UnknownId(message)
-        if response.status_code in (400, 413, 422):
-            raise InvalidJob(message, body.get("problems"))
-        if response.status_code >= 500:
-            raise FarmUnreachable(f"the farm answered {response.status_code}: {message}")
-        raise SdfarmError(f"the farm answered {response.status_code}: {message}")
+        _raise_for(response)
+        return response
 
-    # -- calls ----------------------------------------------------------------------------------
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._request(method, path, **kwargs).json()
 
-    def health(self) -> dict[str, Any]:
-        return self._request("GET", "/healthz").json()  # type: ignore[no-any-return]
+    # -- submitting -----------------------------------------------------------------------------
 
     def submit(
         self,
@@ -75,19 +69,57 @@ class FarmClient:
         *,
         prompts: Sequence[str] | None = None,
         defaults: dict[str, Any] | None = None,
+        priority: int | None = None,
+        callback_url: str | None = None,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
+        """Submit a batch as one JSON body; returns `{"batch_id", "job_ids", "replayed"}`."""
         body: dict[str, Any] = {"defaults": defaults or {}}
         if jobs is not None:
             body["jobs"] = list(jobs)
         if prompts is not None:
             body["prompts"] = list(prompts)
-        return self._request("POST", "/v1/batches", json=body).json()  # type: ignore[no-any-return]
+        if priority is not None:
+            body["priority"] = priority
+        if callback_url is not None:
+            body["callback_url"] = callback_url
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._json("POST", "/v1/batches", json=body, headers=headers)  # type: ignore[no-any-return]
+
+    def submit_stream(
+        self,
+        jobs: Iterable[dict[str, Any]],
+        *,
+        priority: int | None = None,
+        callback_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Submit jobs as NDJSON, streamed as they are produced (a 100,000-line file is fine)."""
+        params: dict[str, Any] = {}
+        if priority is not None:
+            params["priority"] = priority
+        if callback_url is not None:
+            params["callback_url"] = callback_url
+        headers = {"Content-Type": "application/x-ndjson"}
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        return self._json(  # type: ignore[no-any-return]
+            "POST", "/v1/batches", content=_ndjson(jobs), params=params, headers=headers
+        )
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return self._json("GET", "/healthz")  # type: ignore[no-any-return]
 
     def batch(self, batch_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/batches/{batch_id}").json()  # type: ignore[no-any-return]
+        return self._json("GET", f"/v1/batches/{batch_id}")  # type: ignore[no-any-return]
+
+    def batches(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/batches", params={"limit": limit})["batches"]  # type: ignore[no-any-return]
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/jobs/{job_id}").json()  # type: ignore[no-any-return]
+        return self._json("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
 
     def jobs(
         self, batch_id: str, *, state: str | None = None, page: int = 500
@@ -97,9 +129,22 @@ class FarmClient:
             params: dict[str, Any] = {"cursor": cursor, "limit": page}
             if state:
                 params["state"] = state
-            body = self._request("GET", f"/v1/batches/{batch_id}/jobs", params=params).json()
+            body = self._json("GET", f"/v1/batches/{batch_id}/jobs", params=params)
             yield from body["jobs"]
             cursor = body["next_cursor"]
+
+    def manifest(self, batch_id: str) -> Iterator[dict[str, Any]]:
+        """The batch's manifest, one dict a job, streamed."""
+        try:
+            with self.http.stream("GET", f"/v1/batches/{batch_id}/manifest") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for(response)
+                for line in response.iter_lines():
+                    if line:
+                        yield json.loads(line)
+        except httpx.TransportError as e:
+            raise FarmUnreachable(f"cannot reach the farm at {self.http.base_url}: {e}") from e
 
     def image(self, job_id: str) -> bytes:
         response = self._request("GET", f"/v1/jobs/{job_id}/image")
@@ -108,15 +153,28 @@ class FarmClient:
                 fetched = httpx.get(response.headers["location"], timeout=self.http.timeout)
             except httpx.TransportError as e:
                 raise FarmUnreachable(f"cannot download the image of {job_id}: {e}") from e
-            fetched.raise_for_status()
+            if fetched.status_code != 200:
+                raise FarmUnreachable(
+                    f"the image of {job_id} could not be downloaded (HTTP {fetched.status_code})"
+                )
             return fetched.content
         return response.content
 
     def workers(self) -> list[dict[str, Any]]:
-        return self._request("GET", "/v1/workers").json()["workers"]  # type: ignore[no-any-return]
+        return self._json("GET", "/v1/workers")["workers"]  # type: ignore[no-any-return]
+
+    # -- changing your mind ---------------------------------------------------------------------
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._request("DELETE", f"/v1/jobs/{job_id}").json()  # type: ignore[no-any-return]
+        return self._json("DELETE", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return self._json("DELETE", f"/v1/batches/{batch_id}")  # type: ignore[no-any-return]
+
+    def retry(self, batch_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/batches/{batch_id}/retry")  # type: ignore[no-any-return]
+
+    # -- waiting and fetching -------------------------------------------------------------------
 
     def wait(
         self,
@@ -141,24 +199,38 @@ class FarmClient:
             time.sleep(poll_s)
 
     def fetch(self, batch_id: str, out_dir: Path) -> list[Path]:
-        """Download every succeeded image; files already there and intact are skipped."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written = []
-        for job in self.jobs(batch_id, state="succeeded"):
-            path = out_dir / f"{job['job_id']}.png"
-            expected = (job.get("result") or {}).get("bytes")
-            if path.exists() and expected == path.stat().st_size and _is_png(path):
-                written.append(path)
-                continue
-            data = self.image(job["job_id"])
-            tmp = path.with_suffix(".part")
-            tmp.write_bytes(data)
-            tmp.replace(path)
-            log.info("fetched %s (%s)", path, hashlib.sha256(data).hexdigest()[:10])
-            written.append(path)
-        return written
+        """Download every succeeded image (skipping intact files); returns their paths."""
+        from producer.download import fetch_batch
+
+        return fetch_batch(self, batch_id, out_dir).images
 
 
-def _is_png(path: Path) -> bool:
-    with path.open("rb") as handle:
-        return handle.read(8) == b"\x89PNG\r\n\x1a\n"
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": response.text[:300]}
+    message = body.get("error", response.reason_phrase) if isinstance(body, dict) else str(body)
+    status = response.status_code
+    if status == 401:
+        raise AccessDenied(f"the farm refused the API key ({message}); set SDFARM_API_KEY")
+    if status == 404:
+        raise UnknownId(message)
+    if status in (400, 413, 415, 422):
+        raise InvalidJob(message, body.get("problems") if isinstance(body, dict) else None)
+    if status >= 500:
+        raise FarmUnreachable(f"the farm answered {status}: {message}")
+    raise SdfarmError(f"the farm answered {status}: {message}")
+
+
+def _ndjson(jobs: Iterable[dict[str, Any]]) -> Iterator[bytes]:
+    piece: list[str] = []
+    for job in jobs:
+        piece.append(json.dumps(job, separators=(",", ":")))
+        if len(piece) == _NDJSON_PIECE:
+            yield ("\n".join(piece) + "\n").encode()
+            piece = []
+    if piece:
+        yield ("\n".join(piece) + "\n").encode()

@@ -23,6 +23,7 @@ from celery import Celery
 
 from shared.celery_app import RENDER_CHUNK, model_queue
 from shared.config import Settings
+from shared.errors import UnknownId
 from shared.jobs import JobState
 from shared.ledger import Ledger
 from shared.registry import live_workers
@@ -30,6 +31,8 @@ from shared.registry import live_workers
 __all__ = ["Dispatcher"]
 
 log = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.25  # longest sleep between ticks when nothing wakes the dispatcher
 
 # Renew the lock only if we still own it, so a paused dispatcher cannot steal it back.
 _RENEW_LOCK = """
@@ -67,6 +70,7 @@ class Dispatcher:
         self._release_lock = self.redis.register_script(_RELEASE_LOCK)
         self._last_reconcile = 0.0
         self.active = False
+        self.hold_until: float | None = None  # when the earliest held group is due (top_up)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -78,8 +82,9 @@ class Dispatcher:
                 self.active = self._hold_lock(key)
                 if self.active:
                     self.tick()
-                    # Sleep until new work or a finished chunk pushes the wake list.
-                    self.redis.blpop([self.ledger.keys.wake()], timeout=0.25)
+                    # Sleep until new work or a finished chunk pushes the wake list, or until a
+                    # group held for more jobs is due.
+                    self.redis.blpop([self.ledger.keys.wake()], timeout=self._sleep_s())
                 else:
                     stop.wait(self.lock_ttl_s / 3)
             except redis.RedisError as e:
@@ -109,20 +114,38 @@ class Dispatcher:
     # -- dispatch -------------------------------------------------------------------------------
 
     def top_up(self) -> int:
+        """Fill each model's queue up to its target from the ledger; return the chunks sent.
+
+        The target is `queue_chunks_per_worker` per live worker serving the model, so the broker
+        holds only a little work and the order of everything else is decided here, at the last
+        moment (priority, turns, grouping: `shared.pending`). A model no live worker serves gets
+        nothing sent: its jobs wait in the ledger, where the API reports why.
+        """
         sent = 0
+        self.hold_until = None
+        wait_s = self.settings.batch_wait_ms / 1000
         workers = live_workers(self.redis, self.ledger.keys)
         for model in self.ledger.pending_models():
             serving = sum(1 for w in workers if model in w.get("models", []))
-            target = self.settings.queue_chunks_per_worker * max(1, serving)
-            depth = int(self.redis.llen(model_queue(model)))
+            target = self.settings.queue_chunks_per_worker * serving
+            depth = int(self.redis.llen(model_queue(model))) if target else 0
             while depth < target:
-                chunk = self.ledger.take_chunk(model, self.settings.max_batch)
-                if chunk is None:
+                take = self.ledger.take(model, self.settings.max_batch, wait_s=wait_s)
+                if take.chunk is None:
+                    if take.hold_until is not None:
+                        self.hold_until = min(self.hold_until or take.hold_until, take.hold_until)
                     break
-                self.send(chunk.model, chunk.job_ids)
+                self.send(take.chunk.model, take.chunk.job_ids)
                 depth += 1
                 sent += 1
         return sent
+
+    def _sleep_s(self) -> float:
+        """How long the loop may block on the wake list: until the next held group is due."""
+        if self.hold_until is None:
+            return _IDLE_WAIT_S
+        # BLPOP reads 0 as "forever"; a group already due gets the shortest real wait.
+        return min(_IDLE_WAIT_S, max(0.001, self.hold_until - time.time()))
 
     def send(self, model: str, job_ids: list[str]) -> None:
         self.celery.send_task(
@@ -135,35 +158,61 @@ class Dispatcher:
     # -- reconcile ------------------------------------------------------------------------------
 
     def reconcile(self, now: float) -> dict[str, int]:
-        """Recover jobs of dead workers and chunks lost on the way to a worker."""
-        counts = {"requeued": 0, "failed": 0, "resent": 0}
+        """Recover what the broker or a worker lost; the ledger says what that is.
+
+        - A `running` job whose lease expired belongs to a worker that died or lost Redis: it
+          goes back to `queued` (sent again by `top_up`), or to `failed` once it has used
+          `max_attempts`, with the reason of its last attempt.
+        - A job sent to a queue but not started within `dispatch_timeout_s` was lost on the way
+          (a broker that dropped its messages, a queue key deleted): it is pushed back to pending
+          and sent again. If the first message turns up after all, the job is no longer `queued`
+          by then and that delivery does nothing.
+
+        One job's trouble (its record expired, say) never stops the others' recovery.
+        """
+        counts = {"requeued": 0, "failed": 0, "resent": 0, "dropped": 0}
         for job_id in self.ledger.expired_leases(now):
             counts[self._recover_expired(job_id)] += 1
         older = now - self.settings.dispatch_timeout_s
         for job_id in self.ledger.stale_inflight(older):
-            result = self.ledger.transition(job_id, [JobState.QUEUED], JobState.QUEUED)
-            if result.applied:
-                counts["resent"] += 1
-                log.warning(
-                    "job %s: sent but not started in %.0fs; sending again",
-                    job_id,
-                    self.settings.dispatch_timeout_s,
-                )
-            else:
-                self.redis.zrem(self.ledger.keys.inflight(), job_id)
+            counts[self._resend_stale(job_id)] += 1
+        if any(counts.values()):
+            log.info("reconciled: %s", ", ".join(f"{k} {v}" for k, v in counts.items() if v))
         return counts
 
+    def _resend_stale(self, job_id: str) -> str:
+        try:
+            result = self.ledger.transition(job_id, [JobState.QUEUED], JobState.QUEUED)
+        except UnknownId:  # its record expired: nothing left to send
+            self.redis.zrem(self.ledger.keys.inflight(), job_id)
+            return "dropped"
+        if not result.applied:  # started, or ended, since: nothing to recover
+            self.redis.zrem(self.ledger.keys.inflight(), job_id)
+            return "dropped"
+        log.warning(
+            "job %s: sent but not started within %.0f s; sending again",
+            job_id,
+            self.settings.dispatch_timeout_s,
+        )
+        return "resent"
+
     def _recover_expired(self, job_id: str) -> str:
-        record: dict[str, Any] = self.ledger.job(job_id)
+        try:
+            record: dict[str, Any] = self.ledger.job(job_id)
+        except UnknownId:  # its record expired while leased: forget the lease
+            self.redis.zrem(self.ledger.keys.leases(), job_id)
+            return "dropped"
         worker = record.get("worker", "?")
         reason = f"worker {worker} stopped renewing its lease (lost or killed)"
         if record["attempts"] >= self.settings.max_attempts:
+            last = record.get("last_error")
             result = self.ledger.transition(
                 job_id,
                 [JobState.RUNNING],
                 JobState.FAILED,
                 {
-                    "error": f"{reason}; gave up after {record['attempts']} attempts",
+                    "error": f"{reason}; gave up after {record['attempts']} attempts"
+                    + (f" (before that: {last})" if last else ""),
                     "finished_at": time.time(),
                 },
             )
@@ -173,6 +222,8 @@ class Dispatcher:
                 job_id, [JobState.RUNNING], JobState.QUEUED, {"last_error": reason}
             )
             outcome = "requeued"
-        if result.applied:
-            log.warning("job %s: %s; %s", job_id, reason, outcome)
+        if not result.applied:  # it moved on by itself (a late finish): the lease is stale
+            self.redis.zrem(self.ledger.keys.leases(), job_id)
+            return "dropped"
+        log.warning("job %s: %s; %s", job_id, reason, outcome)
         return outcome

@@ -38,8 +38,8 @@ from producer.services import (
     S3Service,
     ServiceStartError,
     free_port,
-    start_redis,
-    start_seaweedfs,
+    redis_service,
+    seaweedfs_service,
 )
 from shared.keys import Keys
 from shared.registry import live_workers
@@ -131,21 +131,24 @@ class LocalFarm:
 
     def _start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.env_file.unlink(missing_ok=True)  # a script waiting for it must not read a stale one
         if not self.models:
-            self.models = {
-                "tiny": str(make_tiny_model(self.state_dir / "models" / "tiny", self.log_dir))
-            }
-        self.redis = start_redis(self.state_dir / "redis")
+            tiny = make_tiny_model(self.state_dir / "models" / "tiny", self.log_dir)
+            self.models = {"tiny": str(tiny)}
+        # Each child is recorded before it starts, so that an interrupted start stops it too.
+        self.redis = redis_service(self.state_dir / "redis")
         self._started.append(self.redis.process)
+        self.redis.start()
         self._ledger_redis = redis.Redis.from_url(self.redis.url)
         if self.storage == "s3":
-            self.s3 = start_seaweedfs(
+            self.s3 = seaweedfs_service(
                 self.state_dir / "s3",
                 access_key=f"sdfarm{secrets.token_hex(8)}",
                 secret_key=secrets.token_urlsafe(30),
                 bucket=BUCKET,
             )
             self._started.append(self.s3.process)
+            self.s3.start()
         self.env = self._child_env()
         port = self.api_port or free_port()
         self.api_url = f"http://127.0.0.1:{port}"
@@ -153,11 +156,13 @@ class LocalFarm:
         self.api = ManagedProcess(
             "api", argv, log_dir=self.log_dir, env=self.env, ready=self._api_healthy
         )
-        self._started.append(self.api.start())
+        self._started.append(self.api)
+        self.api.start()
         self.api.wait_ready(API_READY_TIMEOUT_S)
         for index in range(self.worker_count):
             self.workers.append(self._worker(index))
-            self._started.append(self.workers[-1].start())
+            self._started.append(self.workers[-1])
+            self.workers[-1].start()
         self._write_env_file()
 
     def stop(self) -> None:
@@ -169,6 +174,7 @@ class LocalFarm:
             except Exception:
                 log.exception("could not stop %s", process.name)
         self._started.clear()
+        self.env_file.unlink(missing_ok=True)  # it describes a farm that is gone
         if self._ledger_redis is not None:
             self._ledger_redis.close()
 
@@ -208,9 +214,14 @@ class LocalFarm:
         """SIGKILL one worker, as a crash would (for fault tests)."""
         self.workers[index].kill()
 
-    def restart_worker(self, index: int) -> None:
-        """Start a worker again (stopping it first if it still runs) with the same command line."""
+    def restart_worker(self, index: int, extra_env: Mapping[str, str] | None = None) -> None:
+        """Start a worker again (stopping it first if it still runs) with the same command line.
+
+        `extra_env` overrides the farm's settings for this worker until its next restart (the
+        fault suite turns a test hook on in one worker this way); None means the farm's own.
+        """
         self.workers[index].stop(WORKER_STOP_TIMEOUT_S)
+        self.workers[index].env = {**self.env, **(extra_env or {})}
         self.workers[index].start()
 
     def dead_processes(self) -> list[ManagedProcess]:
@@ -229,7 +240,6 @@ class LocalFarm:
             "SDFARM_REDIS_URL": self.redis.url,
             "SDFARM_MODELS": ",".join(f"{name}={path}" for name, path in self.models.items()),
             "SDFARM_API_KEYS": self.api_key,
-            **self.extra_env,
         }
         if self.s3 is not None:
             env |= {
@@ -242,7 +252,7 @@ class LocalFarm:
         else:
             env["SDFARM_STORAGE_URL"] = f"file://{self.state_dir / 'images'}"
             env.pop("SDFARM_S3_ENDPOINT_URL", None)
-        return env
+        return env | self.extra_env  # the caller's settings win (the fault suite's short timeouts)
 
     def client_env(self) -> dict[str, str]:
         """What a client (or a worker started by hand) needs to use this farm."""
@@ -253,12 +263,18 @@ class LocalFarm:
         shared = {name: self.env[name] for name in names if name in self.env}
         return {"SDFARM_API_URL": self.api_url, "SDFARM_API_KEY": self.api_key, **shared}
 
-    def _write_env_file(self) -> Path:
-        path = self.state_dir / "env"
+    @property
+    def env_file(self) -> Path:
+        """`export` lines for the farm's settings; present only while the farm runs."""
+        return self.state_dir / "env"
+
+    def _write_env_file(self) -> None:
         lines = [f"export {name}={shlex.quote(value)}" for name, value in self.client_env().items()]
-        path.touch(mode=0o600)  # it holds the API key and the S3 secret
-        path.write_text("\n".join(lines) + "\n")
-        return path
+        partial = self.env_file.with_name("env.partial")
+        partial.unlink(missing_ok=True)
+        partial.touch(mode=0o600)  # it holds the API key and the S3 secret
+        partial.write_text("\n".join(lines) + "\n")
+        partial.replace(self.env_file)  # whole or absent: `sdfarm up` scripts poll for it
 
     def _api_healthy(self) -> bool:
         return httpx.get(f"{self.api_url}/healthz", timeout=2.0).status_code == 200
@@ -285,8 +301,12 @@ def run_local_farm(
         api_port=api_port,
         device=device,
     )
-    # SIGTERM takes the same path as Ctrl-C: out of the wait, into the orderly stop below.
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # SIGTERM takes the same path as Ctrl-C: out of the wait, into the orderly stop below. Both
+    # are set explicitly: a shell starts background jobs with SIGINT ignored, and Python keeps that.
+    previous = {
+        signum: signal.signal(signum, _raise_keyboard_interrupt)
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         print(f"starting a local farm in {farm.state_dir} ...", flush=True)
         farm.start()
@@ -298,10 +318,11 @@ def run_local_farm(
         # A second Ctrl-C must not cut the stop short and leave children behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("stopping the farm ...", flush=True)
+        with contextlib.suppress(OSError):  # stdout may be a pipe that is already gone
+            print("stopping the farm ...", flush=True)
         farm.stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -339,7 +360,7 @@ def _print_summary(farm: LocalFarm) -> None:
         "In another shell:\n"
         f"  export SDFARM_API_URL={farm.api_url}\n"
         f"  export SDFARM_API_KEY={farm.api_key}\n"
-        f"or: source {farm.state_dir / 'env'}\n\n"
+        f"or: source {farm.env_file}\n\n"
         "Ctrl-C stops the farm.",
         flush=True,
     )

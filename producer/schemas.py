@@ -4,14 +4,41 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-__all__ = ["BatchPublic", "JobPublic", "JobsPage", "Submitted"]
+__all__ = [
+    "BatchCancelled",
+    "BatchList",
+    "BatchPublic",
+    "ErrorBody",
+    "Health",
+    "JobCancelled",
+    "JobPublic",
+    "JobsPage",
+    "ManifestLine",
+    "Retried",
+    "Submitted",
+    "WorkerPublic",
+    "WorkersList",
+    "batch_public",
+    "errors",
+    "job_public",
+]
+
+
+class ErrorBody(BaseModel):
+    """Every error: a one-line reason, and for refused input the problems one by one."""
+
+    error: str
+    problems: list[dict[str, Any]] | None = None
 
 
 class Submitted(BaseModel):
     batch_id: str
     job_ids: list[str]
+    replayed: bool = Field(
+        default=False, description="True when an Idempotency-Key matched an earlier submission."
+    )
 
 
 class BatchPublic(BaseModel):
@@ -20,6 +47,35 @@ class BatchPublic(BaseModel):
     counts: dict[str, int]
     created_at: float
     finished_at: float | None = None
+    cancelled_at: float | None = None
+    priority: int | None = Field(default=None, description="0-9; 9 is the most urgent.")
+    models: list[str] = Field(default_factory=list)
+    queue_position: int | None = Field(
+        default=None,
+        description="Queued jobs of other batches that go first (more urgent, or as urgent and "
+        "older, sharing a model); an upper bound. 0 once all its jobs run; None once it ended.",
+    )
+    eta_s: float | None = Field(
+        default=None,
+        description="Seconds until the batch ends at the recently measured throughput; None "
+        "while nothing has been measured yet.",
+    )
+    throughput: float | None = Field(
+        default=None, description="Images per second the farm recently made for these models."
+    )
+    manifest: str | None = Field(default=None, description="Where the manifest was stored.")
+    webhook: dict[str, Any] | None = Field(
+        default=None, description="Callback delivery: state, attempts, last error."
+    )
+    waiting_for: str | None = Field(
+        default=None,
+        description="Why queued jobs do not move, e.g. no live worker holds the model.",
+    )
+
+
+class BatchList(BaseModel):
+    batches: list[BatchPublic]
+    next_cursor: int | None = None
 
 
 class JobPublic(BaseModel):
@@ -35,8 +91,146 @@ class JobPublic(BaseModel):
     model_hash: str | None = None
     error: str | None = None
     last_error: str | None = None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the render changed or lost, e.g. prompt words past CLIP's 75 tokens.",
+    )
+    image_url: str | None = Field(
+        default=None, description="A presigned URL of the image (`presign=true`, S3 storage)."
+    )
+    waiting_for: str | None = Field(
+        default=None,
+        description="Why a queued job does not move, e.g. no live worker holds its model.",
+    )
 
 
 class JobsPage(BaseModel):
     jobs: list[JobPublic]
-    next_cursor: int | None = None
+    next_cursor: int | None = Field(
+        default=None, description="Pass as `cursor` for the next page; None at the end."
+    )
+
+
+class JobCancelled(BaseModel):
+    job_id: str
+    state: str
+    was: str = Field(description="The state the cancel found the job in.")
+
+
+class BatchCancelled(BaseModel):
+    batch_id: str
+    cancelled: int = Field(description="Queued jobs cancelled now; they never render.")
+    stopping: int = Field(description="Running jobs asked to stop at their next sampling step.")
+    counts: dict[str, int]
+
+
+class Retried(BaseModel):
+    batch_id: str
+    requeued: int = Field(description="Failed and cancelled jobs queued again, same seeds.")
+    counts: dict[str, int]
+
+
+class WorkerPublic(BaseModel):
+    worker_id: str
+    host: str | None = None
+    pid: int | None = None
+    device: str | None = None
+    models: list[str] = Field(default_factory=list)
+    model_hashes: dict[str, str] = Field(default_factory=dict)
+    current: list[str] = Field(default_factory=list)
+    images_done: int = 0
+    images_per_s: float = Field(default=0.0, description="Over the last minute.")
+    last_seen: float | None = None
+
+
+class WorkersList(BaseModel):
+    workers: list[WorkerPublic]
+
+
+class Health(BaseModel):
+    ok: bool
+    dispatcher_active: bool
+
+
+class ManifestLine(BaseModel):
+    """One line of a batch manifest (NDJSON): what was asked, and what became of it."""
+
+    job_id: str
+    state: str
+    prompt: str
+    negative_prompt: str
+    params: dict[str, Any] = Field(description="model, scheduler, steps, guidance, size.")
+    seed: int
+    model_hash: str | None = None
+    key: str | None = Field(default=None, description="The image's object key.")
+    uri: str | None = None
+    bytes: int | None = None
+    error: str | None = None
+
+
+def job_public(record: dict[str, Any], image_url: str | None = None) -> JobPublic:
+    """The public view of a job record from `Ledger.job`."""
+    return JobPublic(
+        job_id=record["job_id"],
+        batch_id=record["batch_id"],
+        state=record["state"],
+        progress={
+            "step": record.get("step", 0),
+            "steps": record.get("steps", record["spec"]["steps"]),
+        },
+        spec=record["spec"],
+        attempts=record.get("attempts", 0),
+        worker=record.get("worker"),
+        result=record.get("result"),
+        timings=record.get("timings"),
+        model_hash=record.get("model_hash") or None,
+        error=record.get("error") or None,
+        last_error=record.get("last_error") or None,
+        warnings=record.get("warnings") or [],
+        image_url=image_url,
+    )
+
+
+def batch_public(record: dict[str, Any], **estimates: Any) -> BatchPublic:
+    """The public view of a batch record from `Ledger.batch`, with ETA fields when given."""
+    webhook = None
+    if record.get("webhook_state"):
+        webhook = {
+            "state": record["webhook_state"],
+            "attempts": int(record.get("webhook_attempts") or 0),
+            "error": record.get("webhook_error") or None,
+        }
+    return BatchPublic(
+        batch_id=record["batch_id"],
+        total=record["total"],
+        counts=record["counts"],
+        created_at=float(record["created_at"]),
+        finished_at=_float(record.get("finished_at")),
+        cancelled_at=_float(record.get("cancelled_at")),
+        priority=int(record["priority"]) if record.get("priority") else None,
+        models=[m for m in record.get("models", "").split(",") if m],
+        manifest=record.get("manifest"),
+        webhook=webhook,
+        **estimates,
+    )
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, all with the `ErrorBody` shape."""
+    return {code: {"model": ErrorBody, "description": _ERROR_TEXT[code]} for code in codes}
+
+
+_ERROR_TEXT = {
+    400: "An API key in the query string, or a request the farm refuses.",
+    401: "Missing or wrong API key (`Authorization: Bearer KEY`).",
+    404: "No such batch or job (never existed, or its record expired).",
+    409: "The job is not in a state where this is possible.",
+    413: "The request body is over `max_body_bytes`.",
+    415: "A body that is neither JSON nor NDJSON.",
+    422: "Invalid input; `problems` lists each field, value and allowed range.",
+    503: "The job ledger (Redis) or the object store is unavailable; try again.",
+}

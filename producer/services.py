@@ -19,8 +19,9 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -35,9 +36,10 @@ __all__ = [
     "Service",
     "ServiceStartError",
     "free_port",
-    "free_ports",
     "redis_server_binary",
+    "redis_service",
     "s3_client_config",
+    "seaweedfs_service",
     "start_redis",
     "start_seaweedfs",
     "weed_binary",
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 30  # how much of a dead service's log goes into the error message
 POLL_INTERVAL_S = 0.05  # between readiness probes; probes are cheap local connects
+WEED_GRPC_OFFSET = 10000  # SeaweedFS's convention: a server's gRPC port is its HTTP port + 10000
 
 
 class ServiceStartError(SdfarmError):
@@ -55,18 +58,56 @@ class ServiceStartError(SdfarmError):
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    return free_ports(1)[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports; the sockets stay open until all are chosen so none repeats."""
+def _free_port_pairs(count: int, offset: int) -> list[int]:
+    """`count` distinct free ports P whose P + offset is free too (sockets held until all found)."""
     with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-        return ports
+        chosen: list[int] = []
+        for _ in range(100 * count):
+            http = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            http.bind(("127.0.0.1", 0))
+            port = http.getsockname()[1]
+            if port + offset > 65535:
+                continue
+            twin = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                twin.bind(("127.0.0.1", port + offset))
+            except OSError:
+                continue
+            chosen.append(port)
+            if len(chosen) == count:
+                return chosen
+    raise ServiceStartError(f"could not find {count} free ports P with P + {offset} free too")
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while a child is created, then deliver them.
+
+    A Ctrl-C that lands between the fork and the moment Popen hands back the child would leave
+    a process running that nobody knows to stop. (Python runs handlers in the main thread only.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda caught, _frame: held.append(caught))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: installed outside Python, nothing to restore
+                signal.signal(signum, handler)
+        for caught in held:
+            signal.raise_signal(caught)
 
 
 class ManagedProcess:
@@ -95,8 +136,8 @@ class ManagedProcess:
         if self.is_running():
             raise ServiceStartError(f"{self.name} is already running (pid {self.pid})")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log_file:
-            # The child keeps its own copy of the descriptor; ours can close right away.
+        # The child keeps its own copy of the log's descriptor; ours can close right away.
+        with self.log_path.open("ab") as log_file, _signals_held():
             self._popen = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
@@ -273,15 +314,28 @@ class Service:
 class RedisService(Service):
     """A private redis-server; `restart()` brings it back on the same port over the same data."""
 
+    host: str = "127.0.0.1"  # the address it binds to and is reached at
+    password: str | None = None  # required by clients when set (`--requirepass`)
+
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
 
-def start_redis(
-    data_dir: Path, port: int | None = None, *, appendonly: bool = True, timeout_s: float = 30.0
+def redis_service(
+    data_dir: Path,
+    port: int | None = None,
+    *,
+    appendonly: bool = True,
+    host: str = "127.0.0.1",
+    password: str | None = None,
 ) -> RedisService:
-    """Start redis-server on 127.0.0.1 with its data and log in `data_dir`; wait for PING."""
+    """A redis-server on 127.0.0.1 with its data and log in `data_dir`, ready when PING answers.
+
+    Not started yet: `start_redis` starts it; `sdfarm up` records it before starting it, so that
+    a Ctrl-C at any moment leaves nothing running.
+    """
     import redis  # here, so that importing this module stays cheap for `sdfarm --help`
 
     data_dir = Path(data_dir).resolve()
@@ -289,7 +343,7 @@ def start_redis(
     port = port or free_port()
     argv = [
         redis_server_binary(),
-        "--bind", "127.0.0.1",
+        "--bind", host,  # 127.0.0.1 unless a test gives it a private network's address
         "--port", str(port),
         "--dir", str(data_dir),
         "--save", "",  # no RDB snapshots: AOF (when on) is the only persistence
@@ -297,15 +351,32 @@ def start_redis(
         "--maxmemory-policy", "noeviction",  # the ledger must never lose a key to memory pressure
         "--daemonize", "no",
     ]  # fmt: skip
+    if password:
+        # Off loopback, Redis refuses clients without a password (protected mode): give it one.
+        argv += ["--requirepass", password]
 
     def ping() -> bool:
-        client = redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
+        client = redis.Redis(
+            host, port, password=password, socket_connect_timeout=0.5, socket_timeout=0.5
+        )
         with contextlib.closing(client):
             return bool(client.ping())  # answers LOADING (an error) while it replays the AOF
 
-    service = RedisService(
-        ManagedProcess("redis", argv, log_dir=data_dir, ready=ping), port, data_dir
-    )
+    process = ManagedProcess("redis", argv, log_dir=data_dir, ready=ping)
+    return RedisService(process, port, data_dir, host, password)
+
+
+def start_redis(
+    data_dir: Path,
+    port: int | None = None,
+    *,
+    appendonly: bool = True,
+    timeout_s: float = 30.0,
+    host: str = "127.0.0.1",
+    password: str | None = None,
+) -> RedisService:
+    """Start a redis-server (see `redis_service`) and wait until it answers PING."""
+    service = redis_service(data_dir, port, appendonly=appendonly, host=host, password=password)
     service.start(timeout_s)
     return service
 
@@ -333,10 +404,11 @@ class S3Service(Service):
     bucket: str
     region: str = "us-east-1"
     internal_ports: dict[str, int] = field(default_factory=dict)
+    host: str = "127.0.0.1"  # the address it binds to and is reached at
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def client(self, **config: Any) -> Any:
         """A boto3 S3 client for this store (extra botocore Config options may be given)."""
@@ -352,28 +424,47 @@ class S3Service(Service):
             config=s3_client_config().merge(Config(**config)),
         )
 
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start, wait until the S3 API answers, and make sure the bucket exists."""
+        super().start(timeout_s)
+        try:
+            _create_bucket(self.client(), self.bucket)
+        except BaseException:
+            self.stop()
+            raise
 
-def start_seaweedfs(
+
+def seaweedfs_service(
     data_dir: Path,
     port: int | None = None,
     *,
     access_key: str,
     secret_key: str,
     bucket: str,
-    timeout_s: float = 60.0,
+    host: str = "127.0.0.1",
 ) -> S3Service:
-    """Start `weed mini` on 127.0.0.1 with the S3 API on `port`, and create `bucket`."""
+    """`weed mini` on 127.0.0.1 with the S3 API on `port`, its data and logs in `data_dir`.
+
+    Not started yet (see `start_seaweedfs`); ready when a signed ListBuckets succeeds.
+    """
     data_dir = Path(data_dir).resolve()
     (data_dir / "data").mkdir(parents=True, exist_ok=True)
     (data_dir / "logs").mkdir(exist_ok=True)
-    # Only the S3 port is asked for; the others weed mini opens (each with a gRPC twin at
-    # +10000 by default, which can overflow 65535) are chosen here so that two can run side by
-    # side and none clashes with a default someone else is using.
+    # Only the S3 port is asked for; the other servers weed mini runs get free ports too, so that
+    # two can run side by side and none takes a default (9333, 8888...) someone else uses. Each
+    # has a gRPC twin that parts of SeaweedFS find at HTTP port + 10000 whatever the flags say
+    # (the maintenance worker dials the admin server there), so the pair is kept.
     names = ["master", "volume", "filer", "admin"]
-    chosen = free_ports(2 * len(names) + 2)
-    port = port or chosen.pop()
-    internal = {f"{n}.port": chosen.pop() for n in names}
-    internal |= {f"{n}.port.grpc": chosen.pop() for n in [*names, "s3"]}
+    *pairs, s3_pair = _free_port_pairs(len(names) + 1, WEED_GRPC_OFFSET)
+    internal = {f"{name}.port": p for name, p in zip(names, pairs, strict=True)}
+    internal |= {
+        f"{name}.port.grpc": p + WEED_GRPC_OFFSET for name, p in zip(names, pairs, strict=True)
+    }
+    if port is None:
+        port = s3_pair
+        internal["s3.port.grpc"] = s3_pair + WEED_GRPC_OFFSET
+    else:
+        internal["s3.port.grpc"] = free_port()  # the caller's S3 port may have no free twin
 
     config_path = data_dir / "s3-identities.json"
     identity = {
@@ -389,8 +480,8 @@ def start_seaweedfs(
         f"-logdir={data_dir / 'logs'}",  # glog files would otherwise land in /tmp
         "mini",
         f"-dir={data_dir / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
+        f"-ip={host}",
+        f"-ip.bind={host}",
         f"-s3.port={port}",
         f"-s3.config={config_path}",
         *(f"-{flag}={value}" for flag, value in internal.items()),
@@ -410,16 +501,29 @@ def start_seaweedfs(
         secret_key=secret_key,
         bucket=bucket,
         internal_ports=internal,
+        host=host,
     )
     # Up means the S3 API answers a signed request; until then any error means "not yet".
     probe = service.client(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1})
     service.process.ready = probe.list_buckets
+    return service
+
+
+def start_seaweedfs(
+    data_dir: Path,
+    port: int | None = None,
+    *,
+    access_key: str,
+    secret_key: str,
+    bucket: str,
+    timeout_s: float = 60.0,
+    host: str = "127.0.0.1",
+) -> S3Service:
+    """Start SeaweedFS (see `seaweedfs_service`), wait for its S3 API, and create `bucket`."""
+    service = seaweedfs_service(
+        data_dir, port, access_key=access_key, secret_key=secret_key, bucket=bucket, host=host
+    )
     service.start(timeout_s)
-    try:
-        _create_bucket(service.client(), bucket)
-    except BaseException:
-        service.stop()
-        raise
     return service
 
 

@@ -6,6 +6,7 @@ Submitting is only ledger writes, pipelined; the dispatcher takes it from there.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -117,7 +118,10 @@ def _describe(index: int, error: ValidationError) -> list[dict[str, Any]]:
     for item in error.errors(include_url=False):
         field = ".".join(str(part) for part in item["loc"]) or None
         value = item.get("input")
-        shown = value if isinstance(value, int | float | bool) or value is None else _short(value)
+        # NaN and infinities are shown as text: JSON has no way to send them back (a 500 before).
+        finite = not isinstance(value, float) or math.isfinite(value)
+        number = isinstance(value, int | float | bool) and finite
+        shown = value if number or value is None else _short(value)
         message = item["msg"]
         if item["type"] == "literal_error" or item["type"] not in {"missing", "extra_forbidden"}:
             message = f"{message} (got {shown!r})"
@@ -130,6 +134,49 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_MAX_KEYS_CHECKED = 100  # s3:// init images looked up at submit; the worker reports the rest
+
+
+def _check_init_image_keys(specs: list[JobSpec], settings: Settings) -> None:
+    """Refuse s3:// init images that the farm's store does not hold (the first 100 keys)."""
+    refs: dict[str, int] = {}
+    for index, spec in enumerate(specs):
+        if spec.init_image is not None and spec.init_image.startswith("s3://"):
+            refs.setdefault(spec.init_image, index)
+    if not refs:
+        return
+    if not settings.storage_url.startswith("s3://"):
+        index = next(iter(refs.values()))
+        raise InvalidJob(
+            f"job {index}, field `init_image`: this farm stores images in {settings.storage_url}, "
+            "not S3; send the image as base64 data",
+            [{"job": index, "field": "init_image", "message": "s3:// keys need S3 storage"}],
+        )
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from shared.storage import open_storage  # boto3 is only loaded when a job needs it
+
+    storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
+    client = getattr(storage, "client", None)
+    problems = []
+    for ref, index in list(refs.items())[:_MAX_KEYS_CHECKED]:
+        bucket, _, key = ref.removeprefix("s3://").partition("/")
+        try:
+            client.head_object(Bucket=bucket, Key=key)  # type: ignore[union-attr]
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "?")
+            if code not in {"404", "NoSuchKey", "NotFound", "403", "AccessDenied", "Forbidden"}:
+                log.warning("could not check init image %s at submit: %s", ref, e)
+                continue  # the store is failing: the worker reads it later, or says why not
+            message = f"init_image {ref} cannot be read by the farm ({code})"
+            problems.append({"job": index, "field": "init_image", "value": ref, "message": message})
+        except BotoCoreError as e:
+            log.warning("could not check init image %s at submit: %s", ref, e)
+    if problems:
+        first = problems[0]
+        raise InvalidJob(f"job {first['job']}, field `init_image`: {first['message']}", problems)
+
+
 def submit_batch(
     ledger: Ledger,
     settings: Settings,
@@ -139,6 +186,7 @@ def submit_batch(
 ) -> Submitted:
     """Validate, then record every job as `queued`; nothing is written if any job is refused."""
     specs = validate_jobs(job_dicts, settings)
+    _check_init_image_keys(specs, settings)
     batch_id = new_batch_id()
     job_ids = ledger.create_batch(batch_id, specs, meta=meta)
     log.info("batch %s: %d jobs queued", batch_id, len(job_ids))

@@ -1,30 +1,43 @@
-"""The Celery app, its queue names and task names: the only place Celery is configured.
+"""The Celery app, its queue and task names: the only place Celery is configured.
 
-Choices for long GPU tasks, each for a reason:
+Celery on Redis delivers at least once and has known ways to drop or repeat a message (celery
+#5935, #2481, #4354; kombu #305). The ledger, not the broker, is the system of record: a message
+only names job ids, a worker skips jobs that are not `queued`, and the dispatcher's reconciler sends
+again what a lost message or a dead worker left behind. Each choice below, and why:
 
 - `task_acks_late` + `task_reject_on_worker_lost`: a chunk is acknowledged only after it ran, so a
-  worker killed mid-chunk leaves the message to be delivered again.
-- `worker_prefetch_multiplier = 1` and the solo pool (set by `sdfarm worker`): a GPU worker holds
-  at most the chunk it renders; everything else stays in the queue for other workers.
+  worker killed mid-chunk leaves the message to be delivered again (the lease recovers it sooner).
+- `worker_prefetch_multiplier = 1`, `worker_concurrency = 1` and the solo pool (`worker.main`): a
+  GPU worker holds at most the chunk it renders; the rest stays in the queue for other workers.
 - One `visibility_timeout` (`Settings.visibility_timeout_s`) in `broker_transport_options` and in
-  `result_backend_transport_options`, longer than the longest chunk; redelivery after it is
-  harmless (terminal jobs are skipped) but the ledger's leases, not this timeout, recover work
-  from dead workers within `lease_s`.
-- `broker_connection_retry_on_startup` and `broker_connection_max_retries = None`: a Redis restart
-  never ends a worker; it reconnects and goes on consuming.
-- `task_ignore_result` and no result backend: results live in the ledger, not in Celery.
-- `worker_soft_shutdown_timeout`: on SIGTERM the running chunk gets this long to finish; a chunk
-  cut short is handed back through the ledger (its jobs go back to `queued`).
+  `result_backend_transport_options` (every place Celery reads it), longer than the longest chunk.
+  A chunk that outlives it is delivered a second time while it still runs; that copy finds its
+  jobs `running` and does nothing. `unacked_restore_interval` and `unacked_restore_throttle` make
+  the sweep that restores such messages run every few seconds rather than every ~100 s, so the
+  redelivery really happens within about the timeout (this is what the fault suite exercises).
+- `broker_connection_retry_on_startup`, `broker_connection_max_retries = None` and
+  `broker_channel_error_retry`: a Redis restart never ends a worker; it reconnects and consumes on.
+  `worker_cancel_long_running_tasks_on_connection_loss = False`: a chunk rendering while the broker
+  blinks finishes and reports to the ledger; its message may come again and is then skipped.
+- `task_ignore_result` and no result backend: results live in the ledger, never in Celery.
+- SIGTERM is Celery's warm shutdown: no new message is taken and the running chunk finishes.
+  `Settings.shutdown_grace_s` bounds that: `worker.main` hands the chunk's jobs back to the
+  ledger (`queued`, no attempt charged) when it would run longer. `worker_soft_shutdown_timeout`
+  gives a cold shutdown (SIGQUIT) the same grace.
+- Retries are the ledger's business (attempts, leases), never Celery's: the task has
+  `max_retries = 0`.
 - JSON serialisation only; a message holds job ids, never specs, so it stays small.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from shared.config import Settings
 
-__all__ = ["RENDER_CHUNK", "make_celery", "model_queue"]
+__all__ = ["RENDER_CHUNK", "make_celery", "model_queue", "transport_options"]
 
 RENDER_CHUNK = "sdfarm.render_chunk"  # args: (job_ids: list[str],) kwargs: {"model": str}
 
@@ -34,9 +47,21 @@ def model_queue(model: str) -> str:
     return f"sdfarm.model.{model}"
 
 
-def make_celery(settings: Settings, *, soft_shutdown_s: float = 60.0) -> Celery:
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """Redis transport options, shared by the broker and (unused) result backend settings."""
+    visibility = settings.visibility_timeout_s
+    return {
+        "visibility_timeout": visibility,
+        # Sweep for messages past their visibility timeout a few times per timeout, at most
+        # every 10 s: one cheap ZRANGE per worker.
+        "unacked_restore_interval": max(1, min(10, visibility // 3)),
+        "unacked_restore_throttle": 1,
+    }
+
+
+def make_celery(settings: Settings) -> Celery:
     app = Celery("sdfarm", broker=settings.redis_url, set_as_current=False)
-    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    transport = transport_options(settings)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -49,7 +74,7 @@ def make_celery(settings: Settings, *, soft_shutdown_s: float = 60.0) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         broker_channel_error_retry=True,
-        worker_soft_shutdown_timeout=soft_shutdown_s,
+        worker_soft_shutdown_timeout=settings.shutdown_grace_s,
         worker_enable_soft_shutdown_on_idle=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     storage_url: str = "file:///tmp/sdfarm-images"
     # Endpoint of an S3-compatible store (MinIO, SeaweedFS); None means AWS itself.
     s3_endpoint_url: str | None = None
+    # The store's address as clients outside the farm's network see it, for presigned image
+    # URLs (compose: the API reaches `http://minio:9000`, users reach `https://s3.example`).
+    s3_public_endpoint_url: str | None = None
     # How long a presigned image URL stays valid.
     presign_expiry_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
     # Models the farm knows: name -> diffusers directory, single-file checkpoint or hub id.
@@ -54,6 +57,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=8, ge=1, le=256)
     # Chunks kept waiting in a model's Celery queue per live worker of that model.
     queue_chunks_per_worker: int = Field(default=2, ge=1, le=64)
+    # A chunk with fewer than max_batch jobs is held at most this long after its oldest job
+    # arrived, so that jobs submitted close together share a GPU pass; 0 sends at once.
+    batch_wait_ms: int = Field(default=50, ge=0, le=60_000)
     # Job and batch records expire this long after their last write.
     status_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     # A running job's lease; the worker renews it while it renders.
@@ -62,16 +68,60 @@ class Settings(BaseSettings):
     dispatch_timeout_s: float = Field(default=600.0, gt=0)
     # Attempts before a job is failed for good.
     max_attempts: int = Field(default=3, ge=1, le=100)
-    # Celery's redelivery timeout; must exceed the longest chunk.
-    visibility_timeout_s: int = Field(default=3600, ge=10)
+    # Celery's redelivery timeout; must exceed the longest chunk. The fault suite shortens it to
+    # a few seconds to prove a redelivery of a chunk still rendering is harmless.
+    visibility_timeout_s: int = Field(default=3600, ge=2)
+    # Tries of one image upload inside the worker before its job is handed back (not failed).
+    storage_put_attempts: int = Field(default=4, ge=1, le=20)
+    # Pause before the second upload try; it doubles before each further one.
+    storage_backoff_s: float = Field(default=0.5, ge=0)
+    # On SIGTERM the running chunk may finish within this; after it, its jobs are handed back.
+    shutdown_grace_s: float = Field(default=60.0, ge=0)
+    # TEST HOOK (fault suite only, off by default): a prompt holding `worker.faults.POISON_MARKER`
+    # fails its render deterministically, as a poison job would.
+    fault_injection: bool = False
+    # TEST HOOK (fault suite only, 0 = off): passes of more rows than this raise
+    # torch.cuda.OutOfMemoryError mid-loop, as a GPU that is too small would.
+    simulate_oom_above_batch: int = Field(default=0, ge=0)
     # Progress is written at most this often per chunk.
     progress_interval_s: float = Field(default=0.25, ge=0)
     # A worker's heartbeat record lives this long unless renewed.
     worker_ttl_s: float = Field(default=15.0, gt=0)
+    # Chunks whose images wait to be stored while the next chunk renders (worker/output.py):
+    # one hides a chunk's PNG encoding and upload behind the next render; more only hold memory.
+    output_depth: int = Field(default=1, ge=1, le=8)
+    # Speed levers a worker pulls at model load; worker/accel.py says why each is set so.
+    # torch.compile the U-Net and warm it up at start (`sdfarm worker --compile`).
+    compile_unet: bool = False
+    # Sizes (`WxH,...`) the compiled U-Net is warmed up for, at max_batch rows and at one row.
+    compile_sizes: str = Field(default="512x512", pattern=r"^\d+x\d+(,\d+x\d+)*$")
+    # Let cuDNN time its convolution algorithms once per shape (a farm sees few shapes).
+    cudnn_benchmark: bool = True
+    # TF32 for float32 matmuls and convolutions: no gain with fp16 weights, and with float32
+    # weights it makes an image depend on its batch-mates by ~10 levels.
+    tf32: bool = False
+    # The VAE decodes in blended tiles above this width or height, so memory stays bounded.
+    vae_tiling_above_px: int = Field(default=1024, ge=64)
+    # Most rows x width x height in one pass; unset: estimated from free GPU memory (no limit
+    # on a CPU). A chunk that does not fit renders in several passes.
+    max_pass_pixels: int | None = Field(default=None, ge=64 * 64)
     # Longest accepted prompt, in characters.
     max_prompt_chars: int = Field(default=4000, ge=1)
     # Most jobs in one submitted batch.
     max_jobs_per_batch: int = Field(default=100_000, ge=1)
+    # Largest accepted request body (JSON or NDJSON); 100,000 jobs with long prompts fit.
+    max_body_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
+    # Server side: HMAC-SHA256 key that signs webhook bodies; callbacks are refused without one.
+    webhook_secret: str | None = None
+    # Webhook deliveries tried before giving up (the first try included).
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50)
+    # Wait before the first webhook retry; it doubles after each failure up to the cap below.
+    webhook_backoff_s: float = Field(default=2.0, gt=0)
+    webhook_backoff_max_s: float = Field(default=600.0, gt=0)
+    # One webhook POST may take this long before it counts as failed.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # ETAs use the images finished in this recent window (per model).
+    throughput_window_s: float = Field(default=300.0, ge=10)
 
     @field_validator("models", mode="before")
     @classmethod

@@ -3,11 +3,14 @@
     SdfarmError
     ├── InvalidJob            (permanent)  a job spec or request that breaks a rule
     ├── UnknownId             (permanent)  a batch or job id the ledger does not hold
+    ├── AccessDenied          (permanent)  the API refused the client's key (missing or wrong)
     ├── IllegalTransition     (permanent)  a state change the ledger refuses
     ├── ModelLoadError        (permanent)  a model that cannot be loaded at worker start
+    ├── WorkerSetupError      (permanent)  worker options this machine cannot honour (--gpus)
     ├── RenderCancelled       (permanent)  the job was cancelled while it rendered
     ├── RenderFailed          (permanent)  the sampling loop failed for this job
     ├── StorageError          (retryable)  the object store failed or timed out
+    ├── WorkerStopping        (retryable)  the worker is shutting down; its work is handed back
     └── FarmUnreachable       (retryable)  the API or Redis cannot be reached
 
 Each class says whether retrying the same work may succeed (`retryable`), so that the worker and
@@ -19,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AccessDenied",
     "FarmUnreachable",
     "IllegalTransition",
     "InvalidJob",
@@ -28,6 +32,8 @@ __all__ = [
     "SdfarmError",
     "StorageError",
     "UnknownId",
+    "WorkerSetupError",
+    "WorkerStopping",
 ]
 
 
@@ -49,12 +55,20 @@ class UnknownId(SdfarmError):
     """A batch or job id that the ledger does not hold (never existed, or its record expired)."""
 
 
+class AccessDenied(SdfarmError):
+    """The API refused the client's key: none was sent, or it is not one of SDFARM_API_KEYS."""
+
+
 class IllegalTransition(SdfarmError):
     """A job state change that the ledger refuses (for example leaving a terminal state)."""
 
 
 class ModelLoadError(SdfarmError):
     """A model that cannot be loaded; raised at worker start, never at the first job."""
+
+
+class WorkerSetupError(SdfarmError):
+    """Worker options this machine cannot honour, such as `--gpus` where there is no GPU."""
 
 
 class RenderCancelled(SdfarmError):
@@ -67,6 +81,12 @@ class RenderFailed(SdfarmError):
 
 class StorageError(SdfarmError):
     """The object store failed or timed out; the work is handed back and retried later."""
+
+    retryable = True
+
+
+class WorkerStopping(SdfarmError):
+    """The worker is shutting down; the jobs it still renders are handed back to the ledger."""
 
     retryable = True
 

@@ -6,17 +6,30 @@ when it decodes the stored spec; both use these models, so the rules live in one
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
+import io
 import math
 import re
 import secrets
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 
 from shared.errors import InvalidJob
 
 __all__ = [
+    "DEFAULT_PRIORITY",
+    "MAX_PRIORITY",
     "SCHEDULERS",
     "TERMINAL_STATES",
     "BatchCreate",
@@ -24,17 +37,36 @@ __all__ = [
     "JobState",
     "batch_of",
     "compat_key",
+    "init_image_bytes",
     "is_batch_id",
     "is_job_id",
     "job_id_for",
     "new_batch_id",
 ]
 
-# Sampler names a job may ask for; the worker maps each to a diffusers scheduler class.
-SCHEDULERS: tuple[str, ...] = ("lms",)
+# Sampler names a job may ask for; the worker maps each to a diffusers scheduler class
+# (worker/schedulers.py) and the PNG metadata to A1111's name (shared/metadata.py).
+SchedulerName = Literal[
+    "lms",
+    "euler",
+    "euler_a",
+    "heun",
+    "ddim",
+    "pndm",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "unipc",
+    "dpmpp_sde",
+]
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
+DEFAULT_STRENGTH = 0.75  # img2img's strength when a job gives none (A1111's default)
+MAX_INIT_IMAGE_CHARS = 16_000_000  # base64 of a ~12 MB PNG; larger images belong in S3
+MAX_INIT_IMAGE_SIDE = 4096  # pixels; bigger headers are refused before any decoding
 MAX_SEED = 2**32 - 1  # A1111's range, so a seed read off an image works there too
 MAX_SIDE = 2048  # pixels; a 2048x2048 SD 1.x image already needs ~20 GB without tiling
 MAX_STEPS = 150
+MAX_PRIORITY = 9  # batch priority runs 0..9; 9 is the most urgent
+DEFAULT_PRIORITY = 5  # the middle, so that background work can ask for less
 
 
 class JobState(enum.StrEnum):
@@ -58,22 +90,75 @@ class JobSpec(BaseModel):
     prompt: Prompt = Field(min_length=1, description="What to draw.")
     negative_prompt: Prompt = Field(default="", description="What to steer away from.")
     model: str | None = Field(default=None, description="A configured model name.")
-    scheduler: Literal["lms"] = Field(default="lms", description="Sampler name.")
+    scheduler: SchedulerName = Field(default="lms", description="Sampler name.")
     steps: int = Field(default=30, ge=1, le=MAX_STEPS, description="Denoising steps.")
     guidance: float = Field(default=7.5, ge=1.0, le=30.0, description="Classifier-free guidance.")
     width: int = Field(default=512, ge=64, le=MAX_SIDE, description="Pixels, a multiple of 8.")
     height: int = Field(default=512, ge=64, le=MAX_SIDE, description="Pixels, a multiple of 8.")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Fixed at submit.")
+    # img2img fields come after width and height: their validators check against them.
+    resize_init: bool = Field(
+        default=False, description="img2img: resize init_image to width x height."
+    )
+    init_image: str | None = Field(
+        default=None,
+        max_length=MAX_INIT_IMAGE_CHARS,
+        description="img2img: base64 PNG or JPEG data, or an s3://bucket/key the farm can read.",
+    )
+    strength: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description=f"img2img: how far the init image is re-noised, (0, 1]; {DEFAULT_STRENGTH} "
+        "when unset.",
+    )
+    long_prompt: Literal["truncate", "chunk"] = Field(
+        default="truncate",
+        description="Prompts over CLIP's 75 tokens: cut (with a warning) or encode in chunks.",
+    )
 
-    @field_validator("guidance", mode="before")
+    @field_validator("guidance", "strength", mode="before")
     @classmethod
-    def _finite(cls, value: Any) -> Any:
+    def _finite(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, bool):
-            raise ValueError("guidance must be a number, not a boolean")
+            raise ValueError(f"{info.field_name} must be a number, not a boolean")
         if isinstance(value, int):
             return float(value)
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"guidance must be a finite number, got {value}")
+            raise ValueError(f"{info.field_name} must be a finite number, got {value}")
+        return value
+
+    @field_validator("init_image")
+    @classmethod
+    def _an_image_of_the_job_size(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or value.startswith("s3://"):
+            if value is not None and not _S3_REF_RE.match(value):
+                raise ValueError(f"init_image must look like s3://bucket/key, got {value[:80]!r}")
+            return value
+        size = _image_size(init_image_bytes(value))
+        wanted = (info.data.get("width"), info.data.get("height"))
+        if None not in wanted and size != wanted and not info.data.get("resize_init"):
+            raise ValueError(
+                f"init_image is {size[0]}x{size[1]} but the job is {wanted[0]}x{wanted[1]}; "
+                "send an image of the job's size, or set resize_init to have it resized"
+            )
+        return value
+
+    @field_validator("strength")
+    @classmethod
+    def _strength_needs_an_init_image(
+        cls, value: float | None, info: ValidationInfo
+    ) -> float | None:
+        if value is None:
+            return value
+        if info.data.get("init_image") is None:
+            raise ValueError(f"strength ({value:g}) applies only to jobs with an init_image")
+        steps = info.data.get("steps")
+        if steps is not None and int(steps * value) < 1:
+            raise ValueError(
+                f"strength {value:g} with {steps} steps leaves no denoising step; "
+                f"strength x steps must be at least 1"
+            )
         return value
 
     @field_validator("width", "height")
@@ -90,6 +175,11 @@ class JobSpec(BaseModel):
             raise ValueError("prompt must contain something other than whitespace")
         return value
 
+    @property
+    def denoising_strength(self) -> float:
+        """img2img's strength, the default when the job gave none."""
+        return DEFAULT_STRENGTH if self.strength is None else self.strength
+
     def params_text(self) -> str:
         """Short human form, for logs and tables."""
         return f"{self.width}x{self.height} {self.steps} steps {self.scheduler} cfg {self.guidance}"
@@ -103,6 +193,18 @@ class BatchCreate(BaseModel):
     jobs: list[dict[str, Any]] | None = None
     prompts: list[str] | None = None
     defaults: dict[str, Any] = Field(default_factory=dict)
+    priority: Annotated[int, Strict()] = Field(
+        default=DEFAULT_PRIORITY,
+        ge=0,
+        le=MAX_PRIORITY,
+        description="0-9; 9 is the most urgent: higher-priority work is picked first.",
+    )
+    callback_url: str | None = Field(
+        default=None,
+        max_length=2000,
+        pattern=r"^https?://[^\s]+$",
+        description="POSTed the batch summary (signed, X-Sdfarm-Signature) when the batch ends.",
+    )
 
     def job_dicts(self) -> list[dict[str, Any]]:
         if (self.jobs is None) == (self.prompts is None):
@@ -117,7 +219,41 @@ class BatchCreate(BaseModel):
 
 def compat_key(spec: JobSpec) -> str:
     """Jobs with the same key can share one batched pass on the GPU."""
-    return f"{spec.model}|{spec.width}x{spec.height}|{spec.steps}|{spec.scheduler}"
+    key = f"{spec.model}|{spec.width}x{spec.height}|{spec.steps}|{spec.scheduler}"
+    if spec.init_image is not None:
+        # The strength sets where sampling starts, so only equal strengths share a pass.
+        key += f"|img2img@{spec.denoising_strength:g}"
+    return key
+
+
+_S3_REF_RE = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/\S+$")
+_DATA_URL_RE = re.compile(r"^data:image/[a-z]+;base64,")
+
+
+def init_image_bytes(value: str) -> bytes:
+    """The bytes of a base64 init image (a `data:image/...;base64,` prefix allowed)."""
+    try:
+        return base64.b64decode(_DATA_URL_RE.sub("", value, count=1), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"init_image is neither s3://bucket/key nor valid base64 ({e})") from e
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    """Width and height from the image's header, refusing what is not a PNG or a JPEG."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG", "JPEG"]) as image:
+            size: tuple[int, int] = image.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(
+            f"init_image is not a PNG or JPEG image ({len(data)} bytes decoded)"
+        ) from e
+    if max(size) > MAX_INIT_IMAGE_SIDE:
+        raise ValueError(
+            f"init_image is {size[0]}x{size[1]}; at most {MAX_INIT_IMAGE_SIDE} px per side"
+        )
+    return size
 
 
 _BATCH_RE = re.compile(r"^b[0-9a-f]{20}$")

@@ -25,17 +25,29 @@ class Keys:
     def batches(self) -> str:
         return f"{self.prefix}:batches"  # zset batch id -> created_at, newest last
 
-    def pending(self, compat: str) -> str:
-        return f"{self.prefix}:pending:{compat}"  # list of queued job ids awaiting dispatch
+    # Pending work (see `shared.pending`): one list of job ids per (compat key,
+    # batch), indexed three ways. Lua builds the same names (`shared.lua`); keep them in step.
 
-    def pending_index(self, model: str) -> str:
-        return f"{self.prefix}:pending-index:{model}"  # zset compat key -> first enqueue seq
+    def pending_jobs(self, compat: str, batch_id: str) -> str:
+        return f"{self.prefix}:pending:{compat}:{batch_id}"  # list: the batch's queued job ids
+
+    def pending(self, compat: str) -> str:
+        return f"{self.prefix}:pending:{compat}"  # zset batch id -> arrival seq, for grouping
+
+    def batch_pending(self, model: str, batch_id: str) -> str:
+        return f"{self.prefix}:batch-pending:{model}:{batch_id}"  # zset compat -> arrival seq
+
+    def turns(self, model: str) -> str:
+        return f"{self.prefix}:turns:{model}"  # zset batch id -> priority class * 2^40 + turn
+
+    def pending_since(self) -> str:
+        return f"{self.prefix}:pending-since"  # hash compat -> when its oldest waiting job came
 
     def pending_models(self) -> str:
         return f"{self.prefix}:pending-models"  # set of models with pending work
 
     def sequence(self) -> str:
-        return f"{self.prefix}:seq"  # counter that orders pending keys
+        return f"{self.prefix}:seq"  # counter that orders arrivals and turns
 
     def inflight(self) -> str:
         return f"{self.prefix}:inflight"  # zset job id -> time sent to a Celery queue
@@ -54,3 +66,28 @@ class Keys:
 
     def workers(self) -> str:
         return f"{self.prefix}:workers"  # set of worker ids seen (pruned when records expire)
+
+    def gpu_claim(self, gpu_uuid: str) -> str:
+        return f"{self.prefix}:gpu-claim:{gpu_uuid}"  # string with a TTL: the supervisor using it
+
+    def finished(self) -> str:
+        return f"{self.prefix}:finished"  # list of batch ids that just ended (TRANSITION pushes)
+
+    def finishing(self) -> str:
+        return f"{self.prefix}:finishing"  # list: batch ids whose end is being handled now
+
+    def active_batches(self) -> str:
+        return f"{self.prefix}:active"  # zset batch id -> created_at, batches not yet ended
+
+    def idempotency(self, scope: str, key: str) -> str:
+        return f"{self.prefix}:idem:{scope}:{key}"  # hash: batch id, body hash; status TTL
+
+    def done_bucket(self, kind: str, name: str, bucket: int) -> str:
+        # counter of jobs that succeeded in one THROUGHPUT_BUCKET_S bucket, per model or worker
+        return f"{self.prefix}:done:{kind}:{name}:{bucket}"
+
+    def stats(self, name: str) -> str:
+        return f"{self.prefix}:stats:{name}"  # hashes of farm-wide counters, for /metrics
+
+    def webhooks(self) -> str:
+        return f"{self.prefix}:webhooks"  # zset delivery JSON -> when it is due

@@ -8,10 +8,11 @@ write; the pending lists, the in-flight set and the leases never expire.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,14 +21,34 @@ import redis
 from shared.errors import IllegalTransition, UnknownId
 from shared.jobs import TERMINAL_STATES, JobSpec, JobState, batch_of, compat_key, job_id_for
 from shared.keys import Keys
-from shared.lua import RENEW_LEASES, TAKE_CHUNK, TRANSITION
+from shared.lua import RECORD_OUTCOME, RENEW_LEASES, RETRY_JOBS, TAKE_CHUNK, TRANSITION
+from shared.pending import (
+    Chunk,
+    Take,
+    parse_priority,
+    pending_count,
+    queue_pending,
+    take_chunk,
+)
 
-__all__ = ["Chunk", "Ledger", "Transition"]
+__all__ = [
+    "RENDER_BUCKETS_S",
+    "THROUGHPUT_BUCKET_S",
+    "THROUGHPUT_KEEP_S",
+    "Chunk",
+    "Ledger",
+    "Transition",
+    "failure_reason",
+]
 
 log = logging.getLogger(__name__)
 
 STATES = [state.value for state in JobState]
 _SUBMIT_SLICE = 2000  # jobs per pipeline round trip while writing a big batch
+THROUGHPUT_BUCKET_S = 10  # finished images are counted per model and worker in 10 s buckets
+THROUGHPUT_KEEP_S = 3600  # ... kept an hour: ETAs and images/s look at recent buckets only
+# Upper bounds (seconds) of the render-time histogram buckets: a tiny CPU pass to a slow big one.
+RENDER_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 @dataclass(frozen=True)
@@ -37,15 +58,6 @@ class Transition:
     applied: bool
     previous: str
     batch_done: bool
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Jobs taken from the pending lists to render together."""
-
-    model: str
-    compat: str
-    job_ids: list[str]
 
 
 class Ledger:
@@ -66,6 +78,8 @@ class Ledger:
         self._transition = client.register_script(TRANSITION)
         self._take_chunk = client.register_script(TAKE_CHUNK)
         self._renew = client.register_script(RENEW_LEASES)
+        self._retry = client.register_script(RETRY_JOBS)
+        self._outcome = client.register_script(RECORD_OUTCOME)
 
     # -- submit ---------------------------------------------------------------------------------
 
@@ -79,6 +93,7 @@ class Ledger:
         """
         now = repr(time.time())
         ttl = self.status_ttl_s
+        priority = parse_priority(meta)
         job_ids = [job_id_for(batch_id, i) for i in range(len(specs))]
         by_compat: dict[str, list[str]] = {}
         models: dict[str, str] = {}
@@ -110,11 +125,12 @@ class Ledger:
                 )
                 pipe.expire(key, ttl)
             pipe.execute()
-        # Pending keys are ordered by first arrival; ZADD NX keeps an older key's place.
+        # One arrival number per compat key: it orders the batch's groups and gives its turn.
         last_seq = self.redis.incrby(self.keys.sequence(), len(by_compat))
         pipe = self.redis.pipeline(transaction=True)
         batch_key = self.keys.batch(batch_id)
         record: dict[Any, Any] = {"total": len(specs), "created_at": now, **(meta or {})}
+        record |= {"priority": priority, "models": ",".join(sorted(set(models.values())))}
         record |= {state: 0 for state in STATES} | {JobState.QUEUED.value: len(specs)}
         pipe.hset(batch_key, mapping=record)
         pipe.expire(batch_key, ttl)
@@ -122,11 +138,11 @@ class Ledger:
             pipe.rpush(self.keys.batch_jobs(batch_id), *job_ids[start : start + _SUBMIT_SLICE])
         pipe.expire(self.keys.batch_jobs(batch_id), ttl)
         pipe.zadd(self.keys.batches(), {batch_id: float(now)})
-        for seq, (compat, ids) in enumerate(by_compat.items(), start=last_seq - len(by_compat) + 1):
-            for start in range(0, len(ids), _SUBMIT_SLICE):
-                pipe.rpush(self.keys.pending(compat), *ids[start : start + _SUBMIT_SLICE])
-            pipe.zadd(self.keys.pending_index(models[compat]), {compat: seq}, nx=True)
-            pipe.sadd(self.keys.pending_models(), models[compat])
+        lanes = {compat: (models[compat], ids) for compat, ids in by_compat.items()}
+        first_seq = last_seq - len(by_compat) + 1
+        queue_pending(
+            pipe, self.keys, batch_id, lanes, priority=priority, first_seq=first_seq, now=now
+        )
         pipe.lpush(self.keys.wake(), "1")
         pipe.ltrim(self.keys.wake(), 0, 0)
         pipe.execute()
@@ -141,7 +157,7 @@ class Ledger:
             raise UnknownId(f"no job {job_id!r}")
         record: dict[str, Any] = {_s(k): _s(v) for k, v in raw.items()}
         record["job_id"] = job_id
-        for name in ("spec", "result", "timings"):
+        for name in ("spec", "result", "timings", "warnings"):
             if name in record:
                 record[name] = json.loads(record[name])
         for name in ("attempts", "seed", "step", "steps", "dispatches"):
@@ -181,6 +197,21 @@ class Ledger:
         fields: dict[str, Any] | None = None,
     ) -> Transition:
         """Move a job to `to` if it is in one of `allowed_from`; raise UnknownId if it is gone."""
+        args = self._transition_args(job_id, allowed_from, to, fields)
+        code, previous, done = self._transition(args=args)
+        if code == -1:
+            raise UnknownId(f"no job {job_id!r}")
+        if code == 1 and to in (JobState.SUCCEEDED, JobState.FAILED):
+            self._record_outcome(job_id, to, fields or {})
+        return Transition(applied=code == 1, previous=_s(previous), batch_done=bool(done))
+
+    def _transition_args(
+        self,
+        job_id: str,
+        allowed_from: Iterable[JobState],
+        to: JobState,
+        fields: dict[str, Any] | None = None,
+    ) -> list[Any]:
         now = time.time()
         args: list[Any] = [
             self.keys.prefix,
@@ -195,10 +226,21 @@ class Ledger:
         args += [len(froms), *froms]
         for name, value in (fields or {}).items():
             args += [name, json.dumps(value) if isinstance(value, dict | list) else value]
-        code, previous, done = self._transition(args=args)
-        if code == -1:
-            raise UnknownId(f"no job {job_id!r}")
-        return Transition(applied=code == 1, previous=_s(previous), batch_done=bool(done))
+        return args
+
+    def _record_outcome(self, job_id: str, to: JobState, fields: dict[str, Any]) -> None:
+        """Count the outcome for /metrics and ETAs; best effort, the transition already stands."""
+        timings = fields.get("timings") or {}
+        render_s = sum(v for k, v in timings.items() if k != "batch_rows")
+        le = next((str(b) for b in RENDER_BUCKETS_S if render_s <= b), "+Inf") if timings else ""
+        reason = str(fields.get("reason") or failure_reason(str(fields.get("error", ""))))
+        bucket = int(time.time() // THROUGHPUT_BUCKET_S)
+        ttl = int(THROUGHPUT_KEEP_S + THROUGHPUT_BUCKET_S)
+        try:
+            args = [self.keys.prefix, job_id, to.value, bucket, ttl, le, render_s, reason]
+            self._outcome(args=args)
+        except redis.RedisError as e:
+            log.warning("job %s: could not record its outcome for metrics: %s", job_id, e)
 
     def force(
         self,
@@ -224,18 +266,98 @@ class Ledger:
             self.redis.hset(self.keys.job(job_id), "cancel_requested", "1")
         return result.previous
 
+    def cancel_batch(self, batch_id: str) -> dict[str, int]:
+        """Cancel every job of a batch: queued ones at once, running ones at their next step.
+
+        Returns how many were cancelled now and how many running ones were asked to stop.
+        """
+        self.batch(batch_id)  # UnknownId for an unknown batch
+        self.redis.hset(self.keys.batch(batch_id), "cancelled_at", repr(time.time()))
+        out = {"cancelled": 0, "stopping": 0}
+        for ids in self._id_slices(batch_id):
+            pipe = self.redis.pipeline(transaction=False)
+            fields = {"error": "cancelled", "finished_at": time.time()}
+            for job_id in ids:
+                args = self._transition_args(job_id, [JobState.QUEUED], JobState.CANCELLED, fields)
+                self._transition(args=args, client=pipe)
+            running = []
+            for job_id, (code, previous, _) in zip(ids, pipe.execute(), strict=True):
+                out["cancelled"] += code == 1
+                if code == 0 and _s(previous) == JobState.RUNNING.value:
+                    running.append(job_id)
+            if running:
+                pipe = self.redis.pipeline(transaction=False)
+                for job_id in running:
+                    pipe.hset(self.keys.job(job_id), "cancel_requested", "1")
+                pipe.execute()
+                out["stopping"] += len(running)
+        return out
+
+    def retry_batch(self, batch_id: str) -> int:
+        """Re-queue the batch's failed and cancelled jobs with their original seeds; how many."""
+        self.batch(batch_id)
+        moved = 0
+        ttl = self.status_ttl_s
+        for ids in self._id_slices(batch_id):
+            args: list[Any] = [self.keys.prefix, batch_id, repr(time.time()), ttl, *ids]
+            moved += int(self._retry(args=args))
+        return moved
+
+    def iter_jobs(self, batch_id: str) -> Iterator[list[dict[str, Any]]]:
+        """The batch's job records in submit order, a slice at a time (for manifests)."""
+        for ids in self._id_slices(batch_id):
+            yield [record for record in self.jobs(ids) if record is not None]
+
+    def job_states(self, job_ids: Sequence[str]) -> list[str | None]:
+        """Only the states of many jobs, in one round trip (for filtered paging)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.keys.job(job_id), "state")
+        return [None if v is None else _s(v) for v in pipe.execute()]
+
+    def batches_page(self, offset: int, limit: int) -> list[dict[str, Any]]:
+        """Batches newest first; forgets ids whose record expired."""
+        ids = [_s(v) for v in self.redis.zrevrange(self.keys.batches(), offset, offset + limit - 1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for batch_id in ids:
+            pipe.exists(self.keys.batch(batch_id))
+        alive = [batch_id for batch_id, ok in zip(ids, pipe.execute(), strict=True) if ok]
+        if len(alive) < len(ids):
+            self.redis.zrem(self.keys.batches(), *(set(ids) - set(alive)))
+        out = []
+        for batch_id in alive:
+            with contextlib.suppress(UnknownId):  # expired between the two reads
+                out.append(self.batch(batch_id))
+        return out
+
+    def _id_slices(self, batch_id: str) -> Iterator[list[str]]:
+        start = 0
+        while ids := self.batch_job_ids(batch_id, start, start + _SUBMIT_SLICE - 1):
+            yield ids
+            start += len(ids)
+
     # -- dispatch and leases --------------------------------------------------------------------
 
     def pending_models(self) -> list[str]:
         return sorted(_s(m) for m in self.redis.smembers(self.keys.pending_models()))
 
+    def queue_depths(self) -> dict[str, int]:
+        """Jobs waiting in each model's pending lanes (cancelled ones count until skipped)."""
+        return {
+            model: pending_count(self.redis, self.keys, model) for model in self.pending_models()
+        }
+
+    def take(self, model: str, max_batch: int, *, wait_s: float = 0.0) -> Take:
+        """Take the next chunk for `model` by the dispatch policy (`shared.pending`).
+
+        A group of fewer than `max_batch` jobs is held until its oldest job has waited `wait_s`;
+        the result then says when it is due instead.
+        """
+        return take_chunk(self._take_chunk, self.keys, model, max_batch, wait_s)
+
     def take_chunk(self, model: str, max_batch: int) -> Chunk | None:
-        """Take up to `max_batch` compatible queued jobs for `model`, oldest first."""
-        out = self._take_chunk(args=[self.keys.prefix, model, max_batch, repr(time.time())])
-        compat, ids = _s(out[0]), [_s(v) for v in out[1:]]
-        if not ids:
-            return None
-        return Chunk(model=model, compat=compat, job_ids=ids)
+        """Take up to `max_batch` compatible queued jobs for `model` now, holding nothing back."""
+        return self.take(model, max_batch).chunk
 
     def renew_leases(
         self, worker: str, job_ids: Sequence[str], progress: tuple[int, int] | None = None
@@ -259,6 +381,18 @@ class Ledger:
 
     def is_terminal(self, state: str) -> bool:
         return state in {s.value for s in TERMINAL_STATES}
+
+
+def failure_reason(error: str) -> str:
+    """A short, bounded label for why a job failed (a Prometheus label must not be free text)."""
+    text = error.lower()
+    if "lease" in text:
+        return "worker_lost"
+    if "could not store" in text or "storage" in text:
+        return "storage"
+    if text.startswith("render failed"):
+        return "render_failed"
+    return "other"
 
 
 def _s(value: Any) -> str:

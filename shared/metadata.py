@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from typing import Any
@@ -9,10 +10,23 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from shared.jobs import DEFAULT_STRENGTH
+
 __all__ = ["SAMPLER_LABELS", "encode_png", "infotext", "read_png_metadata"]
 
 # A1111's names for each sampler, so tools that read `parameters` recognise them.
-SAMPLER_LABELS: dict[str, str] = {"lms": "LMS"}
+SAMPLER_LABELS: dict[str, str] = {
+    "lms": "LMS",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "ddim": "DDIM",
+    "pndm": "PLMS",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "unipc": "UniPC",
+    "dpmpp_sde": "DPM++ SDE",
+}
 
 
 def infotext(spec: dict[str, Any], *, model_name: str, model_hash: str | None = None) -> str:
@@ -30,6 +44,10 @@ def infotext(spec: dict[str, Any], *, model_name: str, model_hash: str | None = 
     if model_hash:
         settings.append(f"Model hash: {model_hash}")
     settings.append(f"Model: {model_name}")
+    if spec.get("init_image"):
+        strength = spec.get("strength")
+        strength = DEFAULT_STRENGTH if strength is None else strength
+        settings.append(f"Denoising strength: {strength:g}")
     lines.append(", ".join(settings))
     return "\n".join(lines)
 
@@ -45,10 +63,20 @@ def encode_png(
     """PNG bytes with the `parameters` chunk and an `sdfarm` JSON chunk holding the full spec."""
     info = PngInfo()
     info.add_text("parameters", infotext(spec, model_name=model_name, model_hash=model_hash))
-    info.add_text("sdfarm", json.dumps({"spec": spec, "model_hash": model_hash, **(extra or {})}))
+    record = {"spec": _without_image_data(spec), "model_hash": model_hash, **(extra or {})}
+    info.add_text("sdfarm", json.dumps(record))
     out = io.BytesIO()
     pixels.save(out, format="PNG", pnginfo=info, compress_level=4)
     return out.getvalue()
+
+
+def _without_image_data(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec with a base64 init image replaced by its digest: the PNG must not carry it."""
+    image = spec.get("init_image")
+    if not image or image.startswith("s3://"):
+        return spec
+    digest = hashlib.sha256(image.encode()).hexdigest()[:16]
+    return {**spec, "init_image": f"base64:sha256:{digest} ({len(image)} chars)"}
 
 
 def read_png_metadata(data: bytes) -> dict[str, str]:

@@ -48,7 +48,13 @@ class S3Storage:
     """Any S3-compatible store through boto3 (AWS, MinIO, SeaweedFS)."""
 
     def __init__(
-        self, bucket: str, prefix: str, *, endpoint_url: str | None, timeout_s: float = 30.0
+        self,
+        bucket: str,
+        prefix: str,
+        *,
+        endpoint_url: str | None,
+        public_endpoint_url: str | None = None,
+        timeout_s: float = 30.0,
     ) -> None:
         import boto3
         from botocore.config import Config
@@ -56,8 +62,10 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = prefix
         config = Config(
-            retries={"mode": "standard", "max_attempts": 5},
-            connect_timeout=timeout_s,
+            # A few quick retries for a blip; the worker's own retries with backoff (and, when
+            # the store stays down, handing the job back) are the policy for longer outages.
+            retries={"mode": "standard", "max_attempts": 3},
+            connect_timeout=min(timeout_s, 5.0),  # a store that is down refuses or stalls here
             read_timeout=timeout_s,
             # MinIO and SeaweedFS refuse the newer default checksums; only send them when required.
             request_checksum_calculation="when_required",
@@ -66,6 +74,13 @@ class S3Storage:
             signature_version="s3v4",  # presigned URLs carry X-Amz-Expires and work everywhere
         )
         self.client: Any = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        # Presigned URLs are for clients outside the farm's network: sign for the address they
+        # can reach (signing needs no connection, so this client never talks to the store).
+        self.presigner: Any = (
+            boto3.client("s3", endpoint_url=public_endpoint_url, config=config)
+            if public_endpoint_url
+            else self.client
+        )
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -98,7 +113,7 @@ class S3Storage:
         return True
 
     def url(self, key: str, expires_s: int) -> str | None:
-        url: str = self.client.generate_presigned_url(
+        url: str = self.presigner.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
         )
         return url
@@ -147,13 +162,20 @@ class FileStorage:
         return self._path(key).as_uri()
 
 
-def open_storage(storage_url: str, *, endpoint_url: str | None = None) -> Storage:
+def open_storage(
+    storage_url: str, *, endpoint_url: str | None = None, public_endpoint_url: str | None = None
+) -> Storage:
     """Build the store named by `SDFARM_STORAGE_URL` (`s3://bucket/prefix` or `file:///dir`)."""
     parsed = urlparse(storage_url)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"storage_url {storage_url!r} names no bucket (s3://bucket/prefix)")
-        return S3Storage(parsed.netloc, parsed.path.strip("/"), endpoint_url=endpoint_url)
+        return S3Storage(
+            parsed.netloc,
+            parsed.path.strip("/"),
+            endpoint_url=endpoint_url,
+            public_endpoint_url=public_endpoint_url,
+        )
     if parsed.scheme == "file":
         return FileStorage(Path(parsed.path))
     raise ValueError(f"storage_url must start with s3:// or file://, got {storage_url!r}")

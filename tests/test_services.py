@@ -9,6 +9,7 @@ import httpx
 import pytest
 import redis
 
+from producer.local import LocalFarm
 from producer.services import (
     ManagedProcess,
     RedisService,
@@ -126,3 +127,26 @@ def test_stop_kills_a_process_that_ignores_sigterm(tmp_path: Path) -> None:
     # Then it was killed, and nothing is left running
     assert status == -9
     assert not process.is_running()
+
+
+def test_a_local_farm_serves_the_api_and_leaves_an_env_file_to_source(
+    redis_server_bin: str, tmp_path: Path
+) -> None:
+    # Given a local farm with file storage and no workers (the model is never loaded)
+    farm = LocalFarm(state_dir=tmp_path, workers=0, models={"m": "unused"}, storage="file")
+
+    # When it is started
+    with farm:
+        # Then the API answers with the generated key, and the env file says how to reach it
+        health = httpx.get(f"{farm.api_url}/healthz", timeout=10)
+        env_file = (tmp_path / "env").read_text()
+        children = [farm.redis.process, farm.api]
+        assert health.status_code == 200
+        assert f"export SDFARM_API_URL={farm.api_url}\n" in env_file
+        assert f"export SDFARM_API_KEY={farm.api_key}\n" in env_file
+        assert f"export SDFARM_STORAGE_URL=file://{tmp_path / 'images'}\n" in env_file
+        assert farm.dead_processes() == []
+
+    # And once stopped, nothing it started is still running, and the env file is gone
+    assert not any(process.is_running() for process in children)
+    assert not farm.env_file.exists()

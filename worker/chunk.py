@@ -11,22 +11,30 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from traceback import format_exc
 from typing import Any
 
+import torch
 from PIL import Image
 
 from shared.config import Settings
-from shared.errors import RenderCancelled, SdfarmError, StorageError
+from shared.errors import InvalidJob, RenderCancelled, StorageError, WorkerStopping
 from shared.jobs import JobSpec, JobState, batch_of
 from shared.ledger import Ledger
 from shared.metadata import encode_png
 from shared.storage import Storage, image_key
+from worker.accel import render_in_passes
+from worker.failures import free_memory, hand_back, put_with_retry, step_callback
 from worker.models import LoadedModel
-from worker.sampler import PassParams, Row, render_pass
+from worker.output import OutputPipeline
+from worker.rows import pass_params, row_for
+from worker.sampler import PassParams, Row
 
 __all__ = ["ChunkOutcome", "WorkerContext", "process_chunk"]
 
 log = logging.getLogger(__name__)
+
+_CANCELLED = "cancelled while rendering"
 
 
 @dataclass
@@ -40,6 +48,14 @@ class WorkerContext:
     worker_id: str
     images_done: int = 0
     current: list[str] = field(default_factory=list)
+    # Stores chunk k while chunk k+1 renders; None stores in line (tests, `sdfarm render`).
+    output: OutputPipeline | None = None
+    # Set on SIGTERM (worker.main): a pass still rendering after this monotonic time stops and
+    # its jobs are handed back.
+    stop_by: float | None = None
+    # After an upload spent all its tries the store counts as down until this monotonic time:
+    # later uploads try once, so a chunk hands its images back in seconds, not minutes.
+    storage_down_until: float = 0.0
 
 
 @dataclass
@@ -51,6 +67,7 @@ class ChunkOutcome:
     cancelled: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    claimed: list[str] = field(default_factory=list)  # moved to `running` by this delivery
 
 
 class _ChunkMonitor:
@@ -65,6 +82,7 @@ class _ChunkMonitor:
         self.job_ids = list(job_ids)
         self.cancelled: set[str] = set()
         self.progress: tuple[int, int] | None = None
+        self.in_pass: list[str] = self.job_ids  # the rows of the pass rendering now
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="chunk-monitor", daemon=True)
 
@@ -78,10 +96,10 @@ class _ChunkMonitor:
         self._thread.join()
 
     def on_step(self, step: int, steps: int) -> None:
-        """Called after every sampling step; raises once every job of the chunk is cancelled."""
+        """Called after every sampling step; raises once every job of the pass is cancelled."""
         self.progress = (step, steps)
-        if self.cancelled and self.cancelled.issuperset(self.job_ids):
-            raise RenderCancelled(f"all {len(self.job_ids)} jobs of the chunk were cancelled")
+        if self.cancelled and self.cancelled.issuperset(self.in_pass):
+            raise RenderCancelled(f"all {len(self.in_pass)} jobs of the pass were cancelled")
 
     def _run(self) -> None:
         interval = min(self.ctx.settings.progress_interval_s or 0.25, self.ctx.settings.lease_s / 3)
@@ -126,6 +144,7 @@ def process_chunk(ctx: WorkerContext, job_ids: Sequence[str], model_name: str) -
     if not claimed or model is None:
         return outcome
     ctx.current = [job_id for job_id, _ in claimed]
+    outcome.claimed = list(ctx.current)
     try:
         _render_and_store(ctx, model, claimed, outcome)
     finally:
@@ -139,36 +158,144 @@ def _render_and_store(
     claimed: list[tuple[str, JobSpec]],
     outcome: ChunkOutcome,
 ) -> None:
-    ids = [job_id for job_id, _ in claimed]
-    first = claimed[0][1]
-    params = PassParams(
-        steps=first.steps, width=first.width, height=first.height, scheduler=first.scheduler
-    )
-    rows = [
-        Row(prompt=s.prompt, negative_prompt=s.negative_prompt, seed=_seed(s), guidance=s.guidance)
-        for _, s in claimed
-    ]
-    with _ChunkMonitor(ctx, ids) as monitor:
+    params = pass_params(claimed[0][1])
+    rows, ready = [], []
+    for job_id, spec in claimed:
+        # A job whose init image cannot be read fails (or waits for the store) on its own.
         try:
-            result = render_pass(model, rows, params, on_step=monitor.on_step)
-        except RenderCancelled:
-            for job_id in ids:
-                _finish(
-                    ctx, job_id, JobState.CANCELLED, {"error": "cancelled while rendering"}, outcome
-                )
-            return
-        except Exception as e:  # the pass failed for every row: record why, per job
-            log.exception("chunk %s: render failed", ids[0])
-            for job_id, _ in claimed:
-                _give_back_or_fail(ctx, job_id, f"render failed: {type(e).__name__}: {e}", outcome)
-            return
-        for (job_id, spec), pixels in zip(claimed, result.images, strict=True):
-            if job_id in monitor.cancelled:
-                _finish(
-                    ctx, job_id, JobState.CANCELLED, {"error": "cancelled while rendering"}, outcome
-                )
-                continue
-            _store_one(ctx, model, job_id, spec, pixels, result.timings, len(claimed), outcome)
+            rows.append(row_for(spec, ctx.storage))
+        except InvalidJob as e:
+            _finish(ctx, job_id, JobState.FAILED, {"error": str(e)}, outcome)
+            continue
+        except StorageError as e:
+            _hand_back(ctx, job_id, f"storage unavailable: {e}", outcome)
+            continue
+        ready.append((job_id, spec))
+    claimed = ready
+    ids = [job_id for job_id, _ in claimed]
+    if not claimed:
+        return
+    with _ChunkMonitor(ctx, ids) as monitor:
+        items = list(zip(claimed, rows, strict=True))
+        _render_rows(ctx, model, params, items, monitor, outcome)
+
+
+def _render_rows(  # noqa: PLR0917 - called from two places, each argument named there
+    ctx: WorkerContext,
+    model: LoadedModel,
+    params: PassParams,
+    items: list[tuple[tuple[str, JobSpec], Row]],
+    monitor: _ChunkMonitor,
+    outcome: ChunkOutcome,
+) -> None:
+    """Render `items` together and store them; when that fails, narrow the failure down.
+
+    A CUDA out-of-memory error splits the rows in halves and tries each; any other failure
+    renders the rows one by one, so a poison job fails alone (after its attempts, with the reason)
+    while its batch-mates still succeed. A failed pass's tensors are freed before the next try.
+    """
+    claimed = [job for job, _ in items]
+    ids = [job_id for job_id, _ in claimed]
+    if ctx.stop_by is not None and time.monotonic() > ctx.stop_by:
+        for job_id in ids:
+            _hand_back(ctx, job_id, "the worker shut down before rendering it", outcome)
+        return
+    monitor.in_pass = ids
+    rows = [row for _, row in items]
+    failure: str | None = None
+    out_of_memory = False
+    try:
+        # In several passes when the chunk would not fit in the device's memory.
+        result = render_in_passes(
+            model,
+            rows,
+            params,
+            on_step=step_callback(ctx, monitor.on_step, [row.prompt for row in rows]),
+            max_pass_pixels=ctx.settings.max_pass_pixels,
+        )
+    except RenderCancelled:
+        for job_id in ids:
+            _finish(ctx, job_id, JobState.CANCELLED, {"error": _CANCELLED}, outcome)
+        return
+    except WorkerStopping as e:
+        for job_id in ids:
+            _hand_back(ctx, job_id, str(e), outcome)
+        return
+    # Logged as text, never as the exception: a log handler that keeps records (pytest's, a
+    # memory handler) would keep the traceback, its frames and their tensors alive.
+    except torch.cuda.OutOfMemoryError as e:
+        log.warning("chunk %s: out of memory on %d rows: %s", ids[0], len(ids), str(e))
+        out_of_memory = True
+    except Exception as e:  # not swallowed: narrowed down below, then recorded per job
+        failure = f"render failed: {type(e).__name__}: {e}"
+        log.error("chunk %s: a pass of %d rows failed\n%s", ids[0], len(ids), format_exc())
+    if out_of_memory or failure is not None:
+        # Out here, not in the except blocks: the exception, its traceback and the tensors that
+        # the traceback's frames held are gone, so collecting now really frees them.
+        free_memory(model.device)
+        _narrow_down(ctx, model, params, items, failure, monitor, outcome)
+        return
+    to_store: list[tuple[str, JobSpec, Any, list[str]]] = []
+    for index, ((job_id, spec), pixels) in enumerate(zip(claimed, result.images, strict=True)):
+        if job_id in monitor.cancelled:
+            _finish(ctx, job_id, JobState.CANCELLED, {"error": _CANCELLED}, outcome)
+            continue
+        if pixels is None:  # the precision guard refused to store a NaN or black image
+            _finish(ctx, job_id, JobState.FAILED, {"error": result.errors[index]}, outcome)
+            continue
+        to_store.append((job_id, spec, pixels, result.warnings[index]))
+    _hand_to_output(ctx, model, to_store, result.timings, len(claimed), outcome)
+
+
+def _narrow_down(  # noqa: PLR0917 - one call site, each argument named there
+    ctx: WorkerContext,
+    model: LoadedModel,
+    params: PassParams,
+    items: list[tuple[tuple[str, JobSpec], Row]],
+    failure: str | None,
+    monitor: _ChunkMonitor,
+    outcome: ChunkOutcome,
+) -> None:
+    """After a failed pass: halves for out of memory (`failure` None), else one row at a time."""
+    first = items[0][0][0]
+    if len(items) == 1:
+        reason = failure or (
+            f"CUDA out of memory even for a single {params.width}x{params.height} image"
+        )
+        _give_back_or_fail(ctx, first, reason, outcome)
+        return
+    if failure is None:
+        half = len(items) // 2
+        parts = [items[:half], items[half:]]
+        log.warning("chunk %s: trying again in halves of %d rows", first, half)
+    else:
+        parts = [[item] for item in items]
+        log.warning("chunk %s: rendering its %d rows one by one", first, len(items))
+    for part in parts:
+        _render_rows(ctx, model, params, part, monitor, outcome)
+
+
+def _hand_to_output(  # noqa: PLR0917 - one call site, each argument named there
+    ctx: WorkerContext,
+    model: LoadedModel,
+    to_store: list[tuple[str, JobSpec, Any, list[str]]],
+    timings: dict[str, float],
+    rows: int,
+    outcome: ChunkOutcome,
+) -> None:
+    """Store the rendered rows: in the worker's output pipeline when it has one, else now.
+
+    In the pipeline the stores run while the next chunk renders, so `outcome` fills in later.
+    """
+
+    def store() -> None:
+        for job_id, spec, pixels, warnings in to_store:
+            _store_one(ctx, model, job_id, spec, pixels, timings, rows, outcome, warnings)
+
+    if ctx.output is None or not to_store:
+        store()
+    else:
+        ctx.output.submit(to_store[0][0], store)
 
 
 def _store_one(  # noqa: PLR0917 - one call site, each argument named there
@@ -180,6 +307,7 @@ def _store_one(  # noqa: PLR0917 - one call site, each argument named there
     timings: dict[str, float],
     rows: int,
     outcome: ChunkOutcome,
+    warnings: list[str],
 ) -> None:
     spec_dict = spec.model_dump()
     key = image_key(ctx.storage.prefix, batch_of(job_id), job_id)
@@ -188,19 +316,21 @@ def _store_one(  # noqa: PLR0917 - one call site, each argument named there
         spec_dict,
         model_name=model.name,
         model_hash=model.model_hash,
-        extra={"job_id": job_id},
+        extra={"job_id": job_id, "warnings": warnings},
     )
     try:
-        ctx.storage.put(key, data, "image/png")
+        put_with_retry(ctx, job_id, key, data, keep_alive=outcome.claimed)
     except StorageError as e:
-        log.warning("job %s: %s", job_id, e)
-        _give_back_or_fail(ctx, job_id, str(e), outcome)
+        # Not the job's fault: back to `queued` without charging an attempt, however long the
+        # store stays down (a job is never `succeeded` without its object, nor failed for this).
+        _hand_back(ctx, job_id, f"storage unavailable: {e}", outcome)
         return
     fields = {
         "result": {"key": key, "uri": ctx.storage.describe(key), "bytes": len(data)},
         "timings": {**timings, "batch_rows": rows},
         "model_hash": model.model_hash or "",
         "finished_at": time.time(),
+        "warnings": warnings,  # dropped prompt words, an fp32 VAE retry: shown by API and CLI
     }
     _finish(ctx, job_id, JobState.SUCCEEDED, fields, outcome)
     ctx.images_done += 1
@@ -239,7 +369,6 @@ def _give_back_or_fail(ctx: WorkerContext, job_id: str, reason: str, outcome: Ch
         log.warning("job %s: handed back for another attempt: %s", job_id, reason)
 
 
-def _seed(spec: JobSpec) -> int:
-    if spec.seed is None:
-        raise SdfarmError("job reached a worker without a seed; seeds are fixed at submit")
-    return spec.seed
+def _hand_back(ctx: WorkerContext, job_id: str, reason: str, outcome: ChunkOutcome) -> None:
+    if hand_back(ctx.ledger, job_id, reason):
+        outcome.requeued.append(job_id)

@@ -1,4 +1,10 @@
-"""Starting a worker process: load the models once, then consume their queues with Celery."""
+"""Starting a worker process: load the models once, then consume their queues with Celery.
+
+SIGTERM is a warm shutdown: Celery takes no new message, the running chunk gets
+`Settings.shutdown_grace_s` to finish, and a pass still rendering after that stops at its next
+step and hands its jobs back to the ledger (`queued`, no attempt charged). So stopping a worker,
+as a deploy or an autoscaler does, loses nothing and makes no one wait for a lease to lapse.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,22 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
+from typing import Any
 
 import redis
+from celery.signals import worker_shutting_down
 
 from shared.celery_app import make_celery, model_queue
 from shared.config import Settings
 from shared.ledger import Ledger
 from shared.registry import publish_heartbeat
 from shared.storage import open_storage
+from worker.accel import Levers
 from worker.chunk import WorkerContext
 from worker.models import LoadedModel, load_model
+from worker.output import OutputPipeline
 from worker.tasks import register_tasks
 
 __all__ = ["load_models", "run_worker"]
@@ -24,12 +35,14 @@ __all__ = ["load_models", "run_worker"]
 log = logging.getLogger(__name__)
 
 
-def load_models(models: dict[str, str], device: str) -> dict[str, LoadedModel]:
+def load_models(
+    models: dict[str, str], device: str, levers: Levers | None = None
+) -> dict[str, LoadedModel]:
     """Load every model before taking work, so a bad path fails the start, not the first job."""
     loaded = {}
     for name, path in models.items():
         log.info("loading model %s from %s on %s", name, path, device)
-        loaded[name] = load_model(name, path, device=device)
+        loaded[name] = load_model(name, path, device=device, levers=levers)
     return loaded
 
 
@@ -39,7 +52,7 @@ def run_worker(
     """Run one worker process (one per GPU) until it is told to stop."""
     if not models:
         raise SystemExit("no models to serve: pass --model NAME=PATH or set SDFARM_MODELS")
-    loaded = load_models(models, device)
+    loaded = load_models(models, device, Levers.from_settings(settings))
     client = redis.Redis.from_url(settings.redis_url)
     ledger = Ledger(client, status_ttl_s=settings.status_ttl_s, lease_s=settings.lease_s)
     storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
@@ -49,6 +62,7 @@ def run_worker(
     )
     app = make_celery(settings)
     register_tasks(app, ctx)
+    worker_shutting_down.connect(_shutdown_deadline(ctx), weak=False)
     stop = threading.Event()
     beat = threading.Thread(
         target=_heartbeat, args=(ctx, device, stop), name="heartbeat", daemon=True
@@ -57,6 +71,8 @@ def run_worker(
     queues = [model_queue(name) for name in loaded]
     log.info("worker %s serving %s on %s", worker_id, ", ".join(loaded), device)
     try:
+        # Stores chunk k while chunk k+1 renders; closed (drained) below, before the process ends.
+        ctx.output = OutputPipeline(settings.output_depth)
         worker = app.Worker(
             hostname=f"{worker_id}@{socket.gethostname()}",
             pool="solo",
@@ -70,8 +86,21 @@ def run_worker(
         )
         worker.start()
     finally:
+        if ctx.output is not None:
+            ctx.output.close()
         stop.set()
         client.delete(ledger.keys.worker(worker_id))
+
+
+def _shutdown_deadline(ctx: WorkerContext) -> Any:
+    """The receiver of Celery's `worker_shutting_down` (sent from its SIGTERM handler)."""
+
+    def receiver(**_: Any) -> None:
+        # Runs inside a signal handler: only set a field; the sampling loop reads it each step.
+        if ctx.stop_by is None:
+            ctx.stop_by = time.monotonic() + ctx.settings.shutdown_grace_s
+
+    return receiver
 
 
 def _heartbeat(ctx: WorkerContext, device: str, stop: threading.Event) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -24,6 +24,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
 from shared.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from worker.accel import Levers
 
 __all__ = ["COMPONENTS", "LoadedModel", "load_model", "model_hash", "quiet_hf_progress_bars"]
 
@@ -100,7 +103,11 @@ def _check_folder(name: str, root: Path) -> None:
 
 
 def load_model(
-    name: str, path: str, device: str = "cpu", dtype: torch.dtype | None = None
+    name: str,
+    path: str,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    levers: Levers | None = None,
 ) -> LoadedModel:
     """Load the model folder at `path` onto `device`, in eval mode with gradients off.
 
@@ -159,6 +166,10 @@ def load_model(
         dtype=dtype,
         model_hash=short_hash,
     )
+    # Imported here: worker.accel builds on the sampler, which imports this module.
+    from worker.accel import Levers, apply_levers
+
+    apply_levers(model, levers or Levers())  # CUDA speed levers; compile when asked (accel.py)
     logger.info(
         "model %s loaded from %s on %s (%s, %s, hash %s) in %.1f s",
         name,

@@ -1,16 +1,20 @@
-"""The sampling loop: one batched pass of text-to-image over rows that share a model and settings.
+"""The sampling loop: one batched pass over rows that share a model, a size, steps and a sampler.
 
 Written out in numbered steps, as diffusers' pipeline_stable_diffusion.py is, and kept step for
-step equal to it (tests/test_parity.py holds it to the pipeline's pixels), with what a render
-farm needs on top: every row has its own prompt, negative prompt, seed and guidance scale;
-progress is reported after every step through `on_step`, which may raise to cancel the pass; and
-the starting noise is always drawn in float32, so a seed means the same noise on every worker.
+step equal to it and to pipeline_stable_diffusion_img2img.py (tests/test_parity.py and
+tests/test_samplers.py hold it to their pixels), with what a render farm needs on top: every row
+has its own prompt, negative prompt, seed and guidance scale; progress is reported after every
+U-Net step through `on_step`, which may raise to cancel the pass; and every random number a row
+uses (its starting noise, its img2img latent sample, a stochastic sampler's noise) is drawn in
+float32 on the CPU from the row's own seed, so a seed means the same image on every worker and
+in every batch.
 
-    1. encode prompts and negative prompts with the CLIP text encoder
-    2. set the scheduler's timesteps
-    3. draw each row's starting noise from its own seed
+    1. encode prompts and negative prompts with the CLIP text encoder (worker/prompts.py)
+    2. set the scheduler's timesteps (the tail of them for img2img)
+    3. prepare latents: each row's noise from its own seed, or its init image noised to the
+       starting timestep
     4. denoise: U-Net on [uncond, cond], classifier-free guidance, scheduler step
-    5. decode latents with the VAE into 8-bit RGB pixels
+    5. decode latents with the VAE into 8-bit RGB pixels, with the precision guard (worker/vae.py)
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from shared.errors import InvalidJob
 from worker.models import LoadedModel
-from worker.schedulers import make_scheduler
+from worker.prompts import EncodedRow, encode_rows
+from worker.schedulers import img2img_timesteps, make_scheduler, step_kwargs
+from worker.vae import decode_latents, encode_images
 
 __all__ = ["PassParams", "PassResult", "Row", "render_pass"]
 
@@ -41,6 +47,8 @@ class Row:
     negative_prompt: str
     seed: int
     guidance: float  # classifier-free guidance scale (A1111's "CFG scale")
+    init_image: np.ndarray | None = None  # img2img: H x W x 3 uint8 at the pass's size
+    long_prompt: str = "truncate"  # or "chunk": see worker/prompts.py
 
 
 @dataclass(frozen=True)
@@ -51,14 +59,17 @@ class PassParams:
     width: int
     height: int
     scheduler: str = "lms"
+    strength: float | None = None  # img2img when set: every row then has an init image
 
 
 @dataclass
 class PassResult:
-    """The images of a pass, in row order, and where its time went."""
+    """The images of a pass, in row order, what each row should know, and where time went."""
 
-    images: list[np.ndarray]  # H x W x 3, uint8, one per row
+    images: list[np.ndarray | None]  # H x W x 3 uint8, None where the row failed
     timings: dict[str, float]  # seconds: "text_encoder", "unet" (the whole loop), "vae"
+    warnings: list[list[str]] = field(default_factory=list)  # per row, for the job record
+    errors: list[str | None] = field(default_factory=list)  # per row: why it has no image
 
 
 def _check(model: LoadedModel, rows: Sequence[Row], params: PassParams) -> None:
@@ -67,11 +78,23 @@ def _check(model: LoadedModel, rows: Sequence[Row], params: PassParams) -> None:
     if params.steps < 1:
         raise InvalidJob(f"`steps` has to be at least 1 but is {params.steps}")
     factor = model.vae_scale_factor
-    for field, value in (("width", params.width), ("height", params.height)):
+    for name, value in (("width", params.width), ("height", params.height)):
         if value <= 0:
-            raise InvalidJob(f"`{field}` has to be positive but is {value}")
+            raise InvalidJob(f"`{name}` has to be positive but is {value}")
         if value % factor:
-            raise InvalidJob(f"`{field}` has to be divisible by {factor} but is {value}")
+            raise InvalidJob(f"`{name}` has to be divisible by {factor} but is {value}")
+    if params.strength is None:
+        return
+    if not 0 < params.strength <= 1 or int(params.steps * params.strength) < 1:
+        raise InvalidJob(
+            f"`strength` has to be in (0, 1] with strength x steps >= 1 but is "
+            f"{params.strength} with {params.steps} steps"
+        )
+    wanted = (params.height, params.width, 3)
+    for i, row in enumerate(rows):
+        if row.init_image is None or row.init_image.shape != wanted:
+            shape = None if row.init_image is None else row.init_image.shape
+            raise InvalidJob(f"row {i}: `init_image` has to be {wanted} uint8 but is {shape}")
 
 
 @contextmanager
@@ -81,52 +104,70 @@ def _timed(timings: dict[str, float], key: str, device: torch.device) -> Iterato
     if device.type == "cuda":
         # CUDA runs asynchronously: without a sync the time would be that of queueing the work.
         torch.cuda.synchronize(device)
-    timings[key] = time.perf_counter() - started
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
 
 
-def _encode(model: LoadedModel, texts: list[str]) -> torch.Tensor:
-    """CLIP's last hidden state for each text, padded or cut to the tokenizer's 77 tokens."""
-    tokenizer = model.tokenizer
-    max_length = tokenizer.model_max_length
-    for i, ids in enumerate(tokenizer(texts).input_ids):
-        if len(ids) > max_length:
-            logger.warning(
-                "row %d: text is %d tokens, CLIP reads the first %d: %r",
-                i,
-                len(ids),
-                max_length,
-                texts[i][:60],
-            )
-    tokens = tokenizer(
-        texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-    )
-    # SD's U-Net was trained on CLIP states computed without an attention mask, padding included;
-    # as in diffusers, only a text encoder whose config asks for a mask gets one.
-    attention_mask = None
-    if getattr(model.text_encoder.config, "use_attention_mask", False):
-        attention_mask = tokens.attention_mask.to(model.device)
-    output = model.text_encoder(tokens.input_ids.to(model.device), attention_mask=attention_mask)
-    hidden: torch.Tensor = output[0].to(dtype=model.dtype)
-    return hidden
+def _noise(generators: Sequence[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """One (1, C, h, w) float32 draw per row from its CPU generator, as randn_tensor does.
 
-
-def _initial_noise(model: LoadedModel, rows: Sequence[Row], params: PassParams) -> torch.Tensor:
-    """Each row's noise from its own CPU generator: an image never depends on its batch-mates.
-
-    One (1, C, h, w) draw per seed on the CPU, as diffusers' randn_tensor does with a list of CPU
-    generators, but always in float32 and only then cast to the model's dtype (as A1111 does):
-    torch's CPU sampler does not give the same numbers in float16 as in float32 on every machine
-    (seen on an H200 host with torch 2.11), so drawing in the model's dtype would let a seed's
-    noise depend on the worker's dtype, CPU and torch build.
+    Always float32, and cast only later: torch's CPU sampler does not give the same numbers in
+    float16 as in float32 on every machine (seen on an H200 host with torch 2.11).
     """
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
+
+
+def _denoise(
+    model: LoadedModel,
+    rows: Sequence[Row],
+    encoded: Sequence[EncodedRow],
+    params: PassParams,
+    on_step: Callable[[], None],
+) -> torch.Tensor:
+    """Steps 2-4 for rows whose CLIP states have the same length; returns float32 latents."""
+    device = model.device
+    generators = [torch.Generator().manual_seed(row.seed) for row in rows]
     shape = (
-        1,
+        len(rows),
         model.unet.config.in_channels,
         params.height // model.vae_scale_factor,
         params.width // model.vae_scale_factor,
     )
-    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(row.seed)) for row in rows]
-    return torch.cat(noise).to(device=model.device, dtype=model.dtype)
+    # Unconditional (negative) rows first, as the U-Net batch is laid out.
+    prompt_embeds = torch.cat([e.uncond for e in encoded] + [e.cond for e in encoded])
+
+    # 2. Set timesteps. LMS's init_noise_sigma depends on them, so this comes before the noise.
+    scheduler = make_scheduler(params.scheduler, model.scheduler_config)
+    scheduler.set_timesteps(params.steps, device=device)
+    timesteps = scheduler.timesteps
+
+    # 3. Prepare latents, in float32 whatever the model's dtype (the scheduler steps in float32).
+    if params.strength is None:
+        latents = _noise(generators, shape).to(device) * scheduler.init_noise_sigma
+    else:
+        timesteps = img2img_timesteps(scheduler, params.steps, params.strength)
+        images = [row.init_image for row in rows if row.init_image is not None]
+        # The VAE sample draws from each generator first, the noise after, as in diffusers.
+        init_latents = encode_images(model, images, generators)
+        noise = _noise(generators, shape).to(device)
+        latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(len(rows)))
+    extra = step_kwargs(scheduler, generators, [row.seed for row in rows], shape, device)
+
+    # 4. Denoise. The scheduler turns the U-Net's output into the next latents whatever the
+    # model predicts (epsilon or v), so nothing here assumes a prediction type.
+    guidance = torch.tensor([row.guidance for row in rows], device=device).view(-1, 1, 1, 1)
+    for t in timesteps:
+        latent_model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        noise_pred = model.unet(
+            latent_model_input.to(model.dtype),
+            t,
+            encoder_hidden_states=prompt_embeds,
+            return_dict=False,
+        )[0].float()
+        noise_uncond, noise_cond = noise_pred.chunk(2)
+        noise_pred = noise_uncond + guidance * (noise_cond - noise_uncond)
+        latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+        on_step()
+    return latents
 
 
 def render_pass(
@@ -137,56 +178,63 @@ def render_pass(
 ) -> PassResult:
     """Render one image per row in a single batched pass; `on_step(done, total)` after each step.
 
-    An exception raised by `on_step` (RenderCancelled, say) stops the pass and propagates.
+    An exception raised by `on_step` (RenderCancelled, say) stops the pass and propagates. A row
+    whose image cannot be decoded has None for an image and the reason in `errors`.
     """
     _check(model, rows, params)
     timings: dict[str, float] = {}
     with torch.inference_mode():
-        # 1. Encode prompts. Unconditional (negative) rows first, as the U-Net batch is laid out.
+        # 1. Encode prompts.
         with _timed(timings, "text_encoder", model.device):
-            cond = _encode(model, [row.prompt for row in rows])
-            uncond = _encode(model, [row.negative_prompt for row in rows])
-            prompt_embeds = torch.cat([uncond, cond])
+            encoded = encode_rows(
+                model, [(r.prompt, r.negative_prompt, r.long_prompt) for r in rows]
+            )
 
-        # 2. Set timesteps. LMS's init_noise_sigma depends on them, so this comes before the noise.
-        scheduler = make_scheduler(params.scheduler, model.scheduler_config)
-        scheduler.set_timesteps(params.steps, device=model.device)
-        timesteps = scheduler.timesteps
+        # Rows whose prompts were encoded in more chunks have longer CLIP states and cannot share
+        # a U-Net batch with the others: each length gets its own loop.
+        groups: dict[int, list[int]] = {}
+        for i, e in enumerate(encoded):
+            groups.setdefault(e.cond.shape[1], []).append(i)
+        latents: list[torch.Tensor | None] = [None] * len(rows)
+        done = 0
+        total = _evaluations(model, params) * len(groups)
 
-        # 3. Prepare latents: per-row seeded noise, scaled to the scheduler's starting sigma.
-        latents = _initial_noise(model, rows, params) * scheduler.init_noise_sigma
+        def step() -> None:
+            nonlocal done
+            done += 1
+            if on_step is not None:
+                on_step(done, total)
 
-        # 4. Denoise. The scheduler turns the U-Net's output into the next latents whatever the
-        # model predicts (epsilon or v), so nothing here assumes a prediction type.
-        guidance = torch.tensor(
-            [row.guidance for row in rows], dtype=model.dtype, device=model.device
-        ).view(-1, 1, 1, 1)
         with _timed(timings, "unet", model.device):
-            for i, t in enumerate(timesteps):
-                latent_model_input = torch.cat([latents] * 2)
-                latent_model_input = scheduler.scale_model_input(latent_model_input, t)
-                noise_pred = model.unet(
-                    latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False
-                )[0]
-                noise_uncond, noise_cond = noise_pred.chunk(2)
-                noise_pred = noise_uncond + guidance * (noise_cond - noise_uncond)
-                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                if on_step is not None:
-                    # Total is the number of U-Net evaluations, equal to `steps` for LMS.
-                    on_step(i + 1, len(timesteps))
+            for members in groups.values():
+                out = _denoise(
+                    model, [rows[i] for i in members], [encoded[i] for i in members], params, step
+                )
+                for i, row_latents in zip(members, out, strict=True):
+                    latents[i] = row_latents
 
         # 5. Decode, then map [-1, 1] to 8-bit as diffusers' postprocess and numpy_to_pil do.
         with _timed(timings, "vae", model.device):
-            image = model.vae.decode(latents / model.scaling_factor, return_dict=False)[0]
-            image = (image * 0.5 + 0.5).clamp(0, 1)
-            pixels = image.cpu().permute(0, 2, 3, 1).float().numpy()
-    images = list((pixels * 255).round().astype(np.uint8))
+            decoded = decode_latents(model, torch.stack([x for x in latents if x is not None]))
+    warnings = [e.warnings + w for e, w in zip(encoded, decoded.warnings, strict=True)]
     logger.debug(
-        "pass of %d rows at %dx%d, %d steps: %s",
+        "pass of %d rows at %dx%d, %d steps of %s: %s",
         len(rows),
         params.width,
         params.height,
         params.steps,
+        params.scheduler,
         ", ".join(f"{key} {seconds:.2f} s" for key, seconds in timings.items()),
     )
-    return PassResult(images=images, timings=timings)
+    return PassResult(
+        images=decoded.images, timings=timings, warnings=warnings, errors=decoded.errors
+    )
+
+
+def _evaluations(model: LoadedModel, params: PassParams) -> int:
+    """How many U-Net steps one loop takes (2 * steps - 1 for Heun, steps + 1 for PLMS, ...)."""
+    scheduler = make_scheduler(params.scheduler, model.scheduler_config)
+    scheduler.set_timesteps(params.steps)
+    if params.strength is None:
+        return len(scheduler.timesteps)
+    return len(img2img_timesteps(scheduler, params.steps, params.strength))

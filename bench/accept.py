@@ -1,0 +1,119 @@
+"""How fast the front door takes a big batch, and how fast it answers while people watch it.
+
+    python -m bench.accept [--jobs 100000] [--pollers 20] [--polls 100]
+
+Starts a private Redis and the API (`sdfarm api`, its own process, file:// storage, no workers),
+posts JOBS jobs as one streamed NDJSON body, then has POLLERS threads poll
+`GET /v1/batches/{id}` on that batch and reports the p50 and p99 latency. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from producer.services import ManagedProcess, free_port, start_redis
+
+KEY = "bench-key"
+
+
+def ndjson_lines(count: int) -> Iterator[bytes]:
+    """Jobs as NDJSON, a few hundred lines per yielded piece (what a streaming client sends)."""
+    piece: list[str] = []
+    for i in range(count):
+        job = {"prompt": f"a watercolor of lighthouse number {i}, stormy sea", "seed": i}
+        piece.append(json.dumps({**job, "width": 512, "height": 512, "steps": 30}))
+        if len(piece) == 500:
+            yield ("\n".join(piece) + "\n").encode()
+            piece = []
+    if piece:
+        yield ("\n".join(piece) + "\n").encode()
+
+
+def poll(url: str, batch_id: str, count: int, out: list[float]) -> None:
+    with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as http:
+        for _ in range(count):
+            started = time.perf_counter()
+            http.get(f"{url}/v1/batches/{batch_id}").raise_for_status()
+            out.append(time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=100_000)
+    parser.add_argument("--pollers", type=int, default=20)
+    parser.add_argument("--polls", type=int, default=100, help="requests per poller")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sdfarm-bench-") as tmp:
+        root = Path(tmp)
+        redis_service = start_redis(root / "redis")
+        port = free_port()
+        env = {
+            **os.environ,
+            "SDFARM_REDIS_URL": redis_service.url,
+            "SDFARM_STORAGE_URL": f"file://{root / 'images'}",
+            "SDFARM_MODELS": "tiny=/nonexistent/tiny",
+            "SDFARM_API_KEYS": KEY,
+        }
+        argv = [sys.executable, "-m", "producer", "api", "--port", str(port)]
+        url = f"http://127.0.0.1:{port}"
+        api = ManagedProcess(
+            "api",
+            argv,
+            log_dir=root,
+            env=env,
+            ready=lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200,
+        )
+        try:
+            api.start()
+            api.wait_ready(60)
+            started = time.perf_counter()
+            response = httpx.post(
+                f"{url}/v1/batches",
+                content=ndjson_lines(args.jobs),
+                headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/x-ndjson"},
+                timeout=300,
+            )
+            accept_s = time.perf_counter() - started
+            response.raise_for_status()
+            batch_id = response.json()["batch_id"]
+            latencies: list[float] = []
+            threads = [
+                threading.Thread(target=poll, args=(url, batch_id, args.polls, latencies))
+                for _ in range(args.pollers)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            api.stop(10)
+            redis_service.stop()
+    cuts = statistics.quantiles(latencies, n=100)
+    print(
+        json.dumps(
+            {
+                "jobs": args.jobs,
+                "accept_s": round(accept_s, 2),
+                "pollers": args.pollers,
+                "polls": len(latencies),
+                "get_batch_p50_ms": round(cuts[49] * 1000, 1),
+                "get_batch_p99_ms": round(cuts[98] * 1000, 1),
+            }
+        )
+    )
+    return 0 if accept_s < 10 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""What each model's queue asks of the farm: the signal an autoscaler adds or removes GPUs by.
+
+Per model: the jobs waiting in the ledger, the chunks waiting in its Celery queue, the live workers
+that serve it, their recent images/s, and the time to drain at that rate. `/metrics` exports
+these; the API also uses `unserved_note` to say when a job waits for a model no worker serves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shared.celery_app import model_queue
+from shared.ledger import Ledger
+from shared.pending import pending_count
+from shared.registry import live_workers
+
+__all__ = ["ModelCapacity", "model_capacity", "serving_models", "unserved_note"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelCapacity:
+    """One model's queue against the workers that serve it."""
+
+    model: str
+    pending_jobs: int  # queued in the ledger, not yet sent to a worker
+    queued_chunks: int  # sent, waiting in the model's Celery queue
+    workers: int  # live workers that hold the model
+    images_per_s: float  # those workers' recent throughput
+    drain_s: float | None  # time to render what waits at that rate; None when nothing serves it
+
+
+def _heartbeat_rate(worker: dict[str, Any]) -> float:
+    return float(worker.get("images_per_s") or 0.0)
+
+
+def model_capacity(
+    ledger: Ledger,
+    models: Iterable[str],
+    *,
+    max_batch: int,
+    worker_rate: Callable[[dict[str, Any]], float] = _heartbeat_rate,
+) -> list[ModelCapacity]:
+    """Capacity per model (the configured ones and any with pending work).
+
+    `worker_rate` gives one live worker's images/s from its registry record; by default the
+    rate its heartbeat publishes. A worker serving several models counts its whole rate for each:
+    the estimate is for adding machines, where that errs towards enough.
+    """
+    workers = live_workers(ledger.redis, ledger.keys)
+    names = sorted(set(models) | set(ledger.pending_models()))
+    out = []
+    for model in names:
+        serving = [w for w in workers if model in w.get("models", [])]
+        pending = pending_count(ledger.redis, ledger.keys, model)
+        chunks = int(ledger.redis.llen(model_queue(model)))
+        rate = sum(worker_rate(w) for w in serving)
+        # A queued chunk holds at most max_batch jobs: the drain time errs long, never short.
+        waiting = pending + chunks * max_batch
+        drain = waiting / rate if rate > 0 else (0.0 if waiting == 0 else None)
+        out.append(
+            ModelCapacity(
+                model=model,
+                pending_jobs=pending,
+                queued_chunks=chunks,
+                workers=len(serving),
+                images_per_s=rate,
+                drain_s=drain,
+            )
+        )
+    return out
+
+
+def serving_models(ledger: Ledger) -> set[str]:
+    """Models held by at least one live worker."""
+    return {m for w in live_workers(ledger.redis, ledger.keys) for m in w.get("models", [])}
+
+
+def unserved_note(
+    ledger: Ledger, models: Sequence[str], state_counts: dict[str, int]
+) -> str | None:
+    """Why queued work is not moving, when the reason is that no live worker holds its model."""
+    if not state_counts.get("queued"):
+        return None
+    missing = sorted(set(models) - serving_models(ledger))
+    if not missing:
+        return None
+    names = ", ".join(repr(m) for m in missing)
+    return (
+        f"no live worker serves model {names}; its jobs stay queued until a worker that "
+        "holds it starts (sdfarm worker --model NAME=PATH)"
+    )

@@ -1,0 +1,140 @@
+"""Watching a batch: throughput measured from recent finishes, queue position and ETA.
+
+Finished images are counted per model and per worker in `THROUGHPUT_BUCKET_S` buckets (the
+ledger does it after every successful transition). The throughput of a model is the count of the
+last `throughput_window_s` divided by the time since the first non-empty bucket of that window,
+so a farm that just started is not underestimated.
+
+Queue position is an upper bound: the queued jobs of other unfinished batches that share a model
+with this one and go first under priority order (more urgent, or as urgent and older). A fair
+dispatcher serves batches of equal priority in turn, so a small batch usually starts sooner.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from shared.config import Settings
+from shared.jobs import DEFAULT_PRIORITY
+from shared.ledger import THROUGHPUT_BUCKET_S, Ledger
+
+__all__ = ["ActiveBatch", "Estimate", "QueueView"]
+
+SNAPSHOT_TTL_S = 1.0  # many pollers share one read of the active batches per second
+WORKER_RATE_WINDOW_S = 60.0  # images/s per worker is over the last minute
+
+
+@dataclass(frozen=True)
+class ActiveBatch:
+    batch_id: str
+    created_at: float
+    priority: int
+    models: frozenset[str]
+    queued: int
+    running: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    queue_position: int | None
+    eta_s: float | None
+    throughput: float | None
+
+
+class QueueView:
+    """Reads the farm's recent throughput and its unfinished batches (cached for a second)."""
+
+    def __init__(self, ledger: Ledger, settings: Settings) -> None:
+        self.ledger = ledger
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._snapshot: tuple[float, list[ActiveBatch]] = (0.0, [])
+
+    def throughput(
+        self, kind: str, names: Iterable[str], window_s: float, now: float | None = None
+    ) -> float:
+        """Images per second for these models (kind "model") or workers (kind "worker")."""
+        now = time.time() if now is None else now
+        first, last = int((now - window_s) // THROUGHPUT_BUCKET_S), int(now // THROUGHPUT_BUCKET_S)
+        buckets = range(first, last + 1)
+        names = sorted(set(names))
+        if not names:
+            return 0.0
+        keys = [self.ledger.keys.done_bucket(kind, n, b) for n in names for b in buckets]
+        values = [int(v or 0) for v in self.ledger.redis.mget(keys)]
+        per_bucket = [sum(values[i :: len(buckets)]) for i in range(len(buckets))]
+        total = sum(per_bucket)
+        if total == 0:
+            return 0.0
+        start = next(b for b, count in zip(buckets, per_bucket, strict=True) if count)
+        span = max(now - start * THROUGHPUT_BUCKET_S, float(THROUGHPUT_BUCKET_S))
+        return total / span
+
+    def worker_rate(self, worker_id: str) -> float:
+        return self.throughput("worker", [worker_id], WORKER_RATE_WINDOW_S)
+
+    def active(self) -> list[ActiveBatch]:
+        """Unfinished batches; expired ones are dropped from the active set as they are seen."""
+        with self._lock:
+            taken_at, batches = self._snapshot
+            if time.monotonic() - taken_at < SNAPSHOT_TTL_S:
+                return batches
+            batches = self._read_active()
+            self._snapshot = (time.monotonic(), batches)
+            return batches
+
+    def _read_active(self) -> list[ActiveBatch]:
+        r, keys = self.ledger.redis, self.ledger.keys
+        ids = [_s(v) for v in r.zrange(keys.active_batches(), 0, -1)]
+        fields = ["created_at", "priority", "models", "queued", "running"]
+        pipe = r.pipeline(transaction=False)
+        for batch_id in ids:
+            pipe.hmget(keys.batch(batch_id), fields)
+        out, gone = [], []
+        for batch_id, row in zip(ids, pipe.execute(), strict=True):
+            if row[0] is None:
+                gone.append(batch_id)
+                continue
+            created, priority, models, queued, running = (_s(v) if v else "" for v in row)
+            out.append(
+                ActiveBatch(
+                    batch_id=batch_id,
+                    created_at=float(created),
+                    priority=int(priority or DEFAULT_PRIORITY),
+                    models=frozenset(m for m in models.split(",") if m),
+                    queued=int(queued or 0),
+                    running=int(running or 0),
+                )
+            )
+        if gone:
+            r.zrem(keys.active_batches(), *gone)
+        return out
+
+    def estimate(self, record: dict[str, Any]) -> Estimate:
+        """Queue position, ETA and throughput for a batch record from `Ledger.batch`."""
+        counts = record["counts"]
+        models = frozenset(m for m in record.get("models", "").split(",") if m)
+        rate = self.throughput("model", models, self.settings.throughput_window_s)
+        remaining = counts["queued"] + counts["running"]
+        if remaining == 0:
+            return Estimate(queue_position=None, eta_s=0.0, throughput=rate)
+        priority = int(record.get("priority") or DEFAULT_PRIORITY)
+        created = float(record["created_at"])
+        ahead = sum(
+            other.queued
+            for other in self.active()
+            if other.batch_id != record["batch_id"]
+            and other.models & models
+            and (other.priority, -other.created_at) > (priority, -created)
+        )
+        position = ahead if counts["queued"] else 0
+        eta = (ahead + remaining) / rate if rate > 0 else None
+        return Estimate(queue_position=position, eta_s=eta, throughput=rate)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

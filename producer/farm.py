@@ -1,0 +1,119 @@
+"""What every API request needs, built once at startup, and the key check in front of /v1.
+
+`Farm` also runs the API process's background threads: the dispatcher (one active across the
+farm), the finisher (manifests and webhooks of batches that ended) and the webhook sender.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import threading
+from collections.abc import Callable
+from typing import Annotated
+
+import redis
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from producer.dispatcher import Dispatcher
+from producer.eta import QueueView
+from producer.finisher import Finisher
+from producer.webhooks import WebhookSender
+from shared.celery_app import make_celery
+from shared.config import Settings
+from shared.ledger import Ledger
+from shared.storage import Storage, open_storage
+
+__all__ = ["GUARDED", "ApiError", "Farm", "FarmDep", "KeyScope", "authorized", "get_farm"]
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An HTTP refusal with its status; the handler turns it into `{"error": message}`."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+class Farm:
+    """The ledger, storage, Celery and background threads of one API process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.ledger = Ledger(
+            self.redis, status_ttl_s=settings.status_ttl_s, lease_s=settings.lease_s
+        )
+        self.storage: Storage = open_storage(
+            settings.storage_url,
+            endpoint_url=settings.s3_endpoint_url,
+            public_endpoint_url=settings.s3_public_endpoint_url,
+        )
+        self.celery = make_celery(settings)
+        self.dispatcher = Dispatcher(settings, self.ledger, self.celery)
+        self.queue = QueueView(self.ledger, settings)
+        self.finisher = Finisher(self.ledger, self.storage, settings)
+        self.webhooks = WebhookSender(self.ledger, settings)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self, *, dispatcher: bool = True, background: bool = True) -> None:
+        loops: list[tuple[str, Callable[[threading.Event], None]]] = []
+        if dispatcher:
+            loops.append(("dispatcher", self.dispatcher.run))
+        if background:
+            loops += [("finisher", self.finisher.run), ("webhooks", self.webhooks.run)]
+        for name, loop in loops:
+            thread = threading.Thread(target=loop, args=(self._stop,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.redis.close()
+
+
+def get_farm(request: Request) -> Farm:
+    return request.app.state.farm  # type: ignore[no-any-return]
+
+
+FarmDep = Annotated[Farm, Depends(get_farm)]
+
+# Declared as a security scheme, so /openapi.json says how to authenticate.
+_bearer = HTTPBearer(auto_error=False, description="An API key from SDFARM_API_KEYS.")
+
+
+def authorized(
+    f: FarmDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
+) -> str:
+    """Every /v1 route needs `Authorization: Bearer KEY` when keys are configured.
+
+    Returns a short, stable scope for the caller's key (idempotency keys are kept per key).
+    """
+    keys = f.settings.api_keys
+    if not keys:
+        return "open"
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise ApiError(
+            401,
+            "missing API key: send `Authorization: Bearer KEY`",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    given = credentials.credentials.strip().encode()
+    # Compare with every key, in constant time, so timing reveals nothing.
+    if not any([hmac.compare_digest(given, key.encode()) for key in keys]):
+        raise ApiError(401, "wrong API key", {"WWW-Authenticate": "Bearer"})
+    return hashlib.sha256(given).hexdigest()[:16]
+
+
+KeyScope = Annotated[str, Depends(authorized)]
+GUARDED = [Depends(authorized)]

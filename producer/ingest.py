@@ -1,0 +1,291 @@
+"""Accepting a submission: a JSON or NDJSON body, streamed within the configured limits, with an
+optional `Idempotency-Key`.
+
+An NDJSON body (`Content-Type: application/x-ndjson`, one job object a line) is parsed line by
+line as it arrives and handed, a network chunk at a time, to the same validation as a JSON body
+(`producer.submit`) running in a worker thread; so a 100,000-job body is never held whole, and
+a limit is refused as soon as it is crossed: 413 past `max_body_bytes`, 422 past
+`max_jobs_per_batch` or `max_prompt_chars`, each naming the setting.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from anyio import from_thread, to_thread
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from producer.farm import ApiError, Farm
+from producer.schemas import Submitted
+from producer.submit import Submitted as Accepted
+from producer.submit import submit_batch
+from shared.errors import InvalidJob
+from shared.jobs import DEFAULT_PRIORITY, BatchCreate, job_id_for
+
+__all__ = ["JSON", "NDJSON", "Options", "accept"]
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as in the IETF draft
+_PENDING_TTL_S = 600  # an idempotency key whose submission died mid-way is freed after this
+
+
+class _Body:
+    """Counts and hashes the body as it streams in; refuses it past the size limit (413)."""
+
+    def __init__(self, request: Request, limit: int) -> None:
+        self.request = request
+        self.limit = limit
+        self.size = 0
+        self.sha256 = hashlib.sha256()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self.request.stream():
+            self.size += len(chunk)
+            if self.size > self.limit:
+                raise _too_large(self.limit)
+            self.sha256.update(chunk)
+            yield chunk
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413, f"the request body is larger than {limit} bytes (setting max_body_bytes); split it"
+    )
+
+
+async def _ndjson_jobs(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[dict[str, Any]]]:
+    """Job objects, one list per network chunk; line N of the body is job N-1."""
+    rest, line_no = b"", 0
+    async for chunk in chunks:
+        *lines, rest = (rest + chunk).split(b"\n")
+        jobs = []
+        for line in lines:
+            line_no += 1
+            jobs.append(_parse_line(line, line_no))
+        yield jobs
+    if rest.strip():
+        yield [_parse_line(rest, line_no + 1)]
+
+
+def _parse_line(line: bytes, line_no: int) -> dict[str, Any]:
+    if not line.strip():
+        raise InvalidJob(
+            f"line {line_no} is empty; an NDJSON body holds one job object a line",
+            [{"line": line_no, "field": None, "message": "empty line"}],
+        )
+    try:
+        job = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise InvalidJob(
+            f"line {line_no}: not valid JSON ({reason})",
+            [{"line": line_no, "field": None, "message": reason}],
+        ) from e
+    if not isinstance(job, dict):
+        raise InvalidJob(
+            f"line {line_no}: each line must be a JSON object, got {type(job).__name__}",
+            [{"line": line_no, "field": None, "message": "not an object"}],
+        )
+    return job
+
+
+def _pull(batches: AsyncIterator[list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """Bridge the async body to the synchronous validation, a network chunk per hop."""
+
+    async def next_batch() -> list[dict[str, Any]] | None:
+        return await anext(batches, None)
+
+    while (batch := from_thread.run(next_batch)) is not None:
+        yield from batch
+
+
+@dataclass(frozen=True)
+class Options:
+    """What `POST /v1/batches` takes besides its body."""
+
+    scope: str  # the caller's key (hashed): idempotency keys are kept per API key
+    idempotency_key: str | None = None
+    priority: int | None = None  # NDJSON only; a JSON body carries its own
+    callback_url: str | None = None  # NDJSON only
+
+
+async def accept(request: Request, farm: Farm, options: Options) -> JSONResponse:
+    """The whole of `POST /v1/batches`: returns 201 with the new batch, or 200 for a replay."""
+    limit = farm.settings.max_body_bytes
+    media = request.headers.get("content-type", JSON).split(";")[0].strip().lower()
+    if media not in (JSON, NDJSON):
+        raise ApiError(415, f"send {JSON} or {NDJSON}, not {media[:60]!r}")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise _too_large(limit)
+    body = _Body(request, limit)
+    idem = None
+    if options.idempotency_key is not None:
+        idem = _Idempotency(farm, options.scope, options.idempotency_key)
+        if (earlier := idem.begin()) is not None:
+            return await _replay(options.idempotency_key, earlier, body)
+    try:
+        if media == NDJSON:
+            accepted = await _submit_ndjson(farm, body, options)
+        else:
+            accepted = await _submit_json(farm, body, options)
+    except BaseException:
+        if idem is not None:
+            idem.abandon()
+        raise
+    _activate(farm, accepted.batch_id)
+    if idem is not None:
+        idem.complete(accepted.batch_id, body.sha256.hexdigest(), len(accepted.job_ids))
+    out = Submitted(batch_id=accepted.batch_id, job_ids=accepted.job_ids)
+    return JSONResponse(out.model_dump(), status_code=201)
+
+
+async def _submit_ndjson(farm: Farm, body: _Body, options: Options) -> Accepted:
+    _check_callback(farm, options.callback_url)
+    priority = DEFAULT_PRIORITY if options.priority is None else options.priority
+    meta = _meta(priority, options.callback_url)
+    jobs = _pull(_ndjson_jobs(body.chunks()))
+    try:
+        submit = functools.partial(submit_batch, farm.ledger, farm.settings, jobs, meta=meta)
+        return await to_thread.run_sync(submit)
+    except InvalidJob as e:
+        for problem in e.details:  # name the line too: job N is line N+1
+            if isinstance(problem.get("job"), int):
+                problem["line"] = problem["job"] + 1
+        raise
+
+
+async def _submit_json(farm: Farm, body: _Body, options: Options) -> Accepted:
+    if options.priority is not None or options.callback_url is not None:
+        raise InvalidJob("with a JSON body, put `priority` and `callback_url` in the body")
+    create = _parse_json(await body.read())
+    _check_callback(farm, create.callback_url)
+    jobs = create.job_dicts()
+    meta = _meta(create.priority, create.callback_url)
+    submit = functools.partial(submit_batch, farm.ledger, farm.settings, jobs, meta=meta)
+    return await to_thread.run_sync(submit)
+
+
+def _parse_json(raw: bytes) -> BatchCreate:
+    try:
+        return BatchCreate.model_validate_json(raw)
+    except ValidationError as e:
+        problems = [
+            {
+                "field": ".".join(str(p) for p in err["loc"]) or None,
+                "message": err["msg"],
+                "value": err.get("input") if isinstance(err.get("input"), int | float) else None,
+            }
+            for err in e.errors(include_url=False)
+        ]
+        first = problems[0]
+        where = f"`{first['field']}`: " if first["field"] else ""
+        got = f" (got {first['value']!r})" if first["value"] is not None else ""
+        raise InvalidJob(f"{where}{first['message']}{got}", problems) from e
+
+
+def _check_callback(farm: Farm, url: str | None) -> None:
+    if url is None:
+        return
+    if not farm.settings.webhook_secret:
+        raise InvalidJob(
+            "this farm cannot sign callbacks: set SDFARM_WEBHOOK_SECRET on the API to use "
+            "`callback_url`",
+            [{"field": "callback_url", "message": "no webhook secret configured"}],
+        )
+    if not re.match(r"^https?://[^\s]+$", url) or len(url) > 2000:
+        raise InvalidJob(
+            f"`callback_url` must be an http(s) URL of at most 2000 characters, got {url[:80]!r}",
+            [{"field": "callback_url", "message": "not an http(s) URL"}],
+        )
+
+
+def _meta(priority: int, callback_url: str | None) -> dict[str, str]:
+    meta = {"priority": str(priority)}
+    if callback_url:
+        meta["callback_url"] = callback_url
+    return meta
+
+
+def _activate(farm: Farm, batch_id: str) -> None:
+    """Add the batch to the set of unfinished batches (queue positions are counted over it)."""
+    created_at = float(farm.ledger.batch(batch_id)["created_at"])
+    farm.redis.zadd(farm.ledger.keys.active_batches(), {batch_id: created_at})
+
+
+async def _replay(key: str, earlier: dict[str, str], body: _Body) -> JSONResponse:
+    """A repeated Idempotency-Key: the first batch if the body is the same, else a refusal."""
+    async for _ in body.chunks():  # hash it; the body's jobs are not looked at again
+        pass
+    if earlier.get("state") != "done":
+        raise ApiError(
+            409,
+            f"a submission with Idempotency-Key {key!r} is still being accepted; retry shortly",
+            {"Retry-After": "1"},
+        )
+    if earlier["sha256"] != body.sha256.hexdigest():
+        raise InvalidJob(
+            f"Idempotency-Key {key!r} was used for a different body (batch {earlier['batch_id']})",
+            [{"field": "Idempotency-Key", "message": "reused with a different body"}],
+        )
+    batch_id, total = earlier["batch_id"], int(earlier["total"])
+    ids = [job_id_for(batch_id, i) for i in range(total)]
+    log.info("batch %s: replayed for Idempotency-Key %r", batch_id, key)
+    out = Submitted(batch_id=batch_id, job_ids=ids, replayed=True)
+    return JSONResponse(out.model_dump(), status_code=200)
+
+
+class _Idempotency:
+    """`Idempotency-Key` -> batch id, per API key, kept as long as job records (status TTL)."""
+
+    def __init__(self, farm: Farm, scope: str, key: str) -> None:
+        if not _IDEMPOTENCY_KEY.match(key):
+            raise InvalidJob(
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                [{"field": "Idempotency-Key", "message": "malformed"}],
+            )
+        self.redis = farm.redis
+        self.name = farm.ledger.keys.idempotency(scope, hashlib.sha256(key.encode()).hexdigest())
+        self.ttl_s = farm.settings.status_ttl_s
+
+    def begin(self) -> dict[str, str] | None:
+        """Claim the key; returns the earlier submission's record when it is taken."""
+        if self.redis.hsetnx(self.name, "state", "pending"):
+            self.redis.expire(self.name, _PENDING_TTL_S)
+            return None
+        raw = self.redis.hgetall(self.name)
+        return {_s(k): _s(v) for k, v in raw.items()} or {"state": "pending"}
+
+    def complete(self, batch_id: str, sha256: str, total: int) -> None:
+        mapping: dict[Any, Any] = {
+            "state": "done",
+            "batch_id": batch_id,
+            "sha256": sha256,
+            "total": total,
+        }
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.name, mapping=mapping)
+        pipe.expire(self.name, self.ttl_s)
+        pipe.execute()
+
+    def abandon(self) -> None:
+        self.redis.delete(self.name)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

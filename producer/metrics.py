@@ -1,0 +1,192 @@
+"""`GET /metrics`: the farm in Prometheus text format, read from Redis at each scrape.
+
+Every number comes from the ledger or the worker heartbeats, not from this process's memory, so
+any API replica answers the same and a restarted API loses nothing:
+
+    sdfarm_jobs{state}                       jobs of unexpired batches, by state (gauge)
+    sdfarm_active_batches                    batches not yet ended (gauge)
+    sdfarm_queue_depth{model}                jobs waiting for dispatch, per model (gauge)
+    sdfarm_broker_queue_depth{model}         chunks sent to the model's Celery queue (gauge)
+    sdfarm_render_seconds                    a job's batched pass, encode to decode (histogram)
+    sdfarm_jobs_finished_total{state}        succeeded / failed since the ledger began (counter)
+    sdfarm_job_failures_total{reason}        failures by reason (counter)
+    sdfarm_workers                           live workers (gauge)
+    sdfarm_worker_images_per_second{worker}  over the last minute (gauge)
+    sdfarm_worker_images_done{worker}        since the worker process started (gauge)
+    sdfarm_model_workers{model}              live workers that hold the model (gauge)
+    sdfarm_model_images_per_second{model}    those workers' images/s, last minute (gauge)
+    sdfarm_model_drain_seconds{model}        time to render what waits at that rate; +Inf when
+                                             work waits and nothing renders it (gauge)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from producer.capacity import model_capacity
+from shared.celery_app import model_queue
+from shared.ledger import RENDER_BUCKETS_S, STATES
+from shared.registry import live_workers
+
+if TYPE_CHECKING:
+    from producer.farm import Farm
+
+__all__ = ["FarmCollector", "render_metrics"]
+
+
+def render_metrics(farm: Farm) -> tuple[bytes, str]:
+    """The text exposition and its content type."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FarmCollector(farm))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class FarmCollector:
+    """A prometheus_client collector that reads the farm's state when scraped."""
+
+    def __init__(self, farm: Farm) -> None:
+        self.farm = farm
+        self.redis = farm.redis
+        self.keys = farm.ledger.keys
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._jobs()
+        yield from self._queues()
+        yield self._render_histogram()
+        yield from self._outcomes()
+        yield from self._workers()
+        yield from self._capacity()
+
+    def _jobs(self) -> Iterator[Metric]:
+        since = time.time() - self.farm.settings.status_ttl_s
+        ids = self.redis.zrangebyscore(self.keys.batches(), since, "+inf")
+        pipe = self.redis.pipeline(transaction=False)
+        for batch_id in ids:
+            pipe.hmget(self.keys.batch(_s(batch_id)), STATES)
+        totals = dict.fromkeys(STATES, 0)
+        for row in pipe.execute():
+            for state, value in zip(STATES, row, strict=True):
+                totals[state] += int(value or 0)
+        jobs = GaugeMetricFamily(
+            "sdfarm_jobs", "Jobs of unexpired batches by state.", labels=["state"]
+        )
+        for state, count in totals.items():
+            jobs.add_metric([state], count)
+        yield jobs
+        yield GaugeMetricFamily(
+            "sdfarm_active_batches",
+            "Batches not yet ended.",
+            value=int(self.redis.zcard(self.keys.active_batches())),
+        )
+
+    def _queues(self) -> Iterator[Metric]:
+        depths = self.farm.ledger.queue_depths()
+        models = sorted(set(self.farm.settings.model_names()) | set(depths))
+        queued = GaugeMetricFamily(
+            "sdfarm_queue_depth", "Jobs waiting for dispatch, per model.", labels=["model"]
+        )
+        broker = GaugeMetricFamily(
+            "sdfarm_broker_queue_depth",
+            "Chunks waiting in the model's Celery queue.",
+            labels=["model"],
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        for model in models:
+            pipe.llen(model_queue(model))
+        for model, chunks in zip(models, pipe.execute(), strict=True):
+            queued.add_metric([model], depths.get(model, 0))
+            broker.add_metric([model], int(chunks))
+        yield queued
+        yield broker
+
+    def _render_histogram(self) -> Metric:
+        raw = {_s(k): _s(v) for k, v in self.redis.hgetall(self.keys.stats("render")).items()}
+        buckets, running = [], 0
+        for bound in [*(str(b) for b in RENDER_BUCKETS_S), "+Inf"]:
+            running += int(raw.get(bound, 0))
+            buckets.append((bound, running))
+        histogram = HistogramMetricFamily(
+            "sdfarm_render_seconds", "Seconds of a job's batched pass (text encoder, U-Net, VAE)."
+        )
+        histogram.add_metric([], buckets, sum_value=float(raw.get("sum", 0.0)))
+        return histogram
+
+    def _outcomes(self) -> Iterator[Metric]:
+        finished = CounterMetricFamily(
+            "sdfarm_jobs_finished", "Jobs that ended, by final state.", labels=["state"]
+        )
+        for state, count in self._hash("outcomes").items():
+            finished.add_metric([state], int(count))
+        yield finished
+        failures = CounterMetricFamily(
+            "sdfarm_job_failures", "Jobs that failed, by reason.", labels=["reason"]
+        )
+        for reason, count in self._hash("failures").items():
+            failures.add_metric([reason], int(count))
+        yield failures
+
+    def _workers(self) -> Iterator[Metric]:
+        workers = live_workers(self.redis, self.keys)
+        yield GaugeMetricFamily("sdfarm_workers", "Live workers.", value=len(workers))
+        rate = GaugeMetricFamily(
+            "sdfarm_worker_images_per_second",
+            "Images a worker finished per second over the last minute.",
+            labels=["worker"],
+        )
+        done = GaugeMetricFamily(
+            "sdfarm_worker_images_done",
+            "Images a worker process finished since it started.",
+            labels=["worker"],
+        )
+        for worker in workers:
+            rate.add_metric([worker["worker_id"]], self.farm.queue.worker_rate(worker["worker_id"]))
+            done.add_metric([worker["worker_id"]], int(worker.get("images_done", 0)))
+        yield rate
+        yield done
+
+    def _capacity(self) -> Iterator[Metric]:
+        """The autoscaling signal (producer.capacity): per model, workers, rate, drain time."""
+        capacity = model_capacity(
+            self.farm.ledger,
+            self.farm.settings.model_names(),
+            max_batch=self.farm.settings.max_batch,
+            worker_rate=lambda w: self.farm.queue.worker_rate(w["worker_id"]),
+        )
+        labels = ["model"]
+        workers = GaugeMetricFamily(
+            "sdfarm_model_workers", "Live workers that hold the model.", labels=labels
+        )
+        rate = GaugeMetricFamily(
+            "sdfarm_model_images_per_second",
+            "Images per second of the live workers that hold the model (last minute).",
+            labels=labels,
+        )
+        drain = GaugeMetricFamily(
+            "sdfarm_model_drain_seconds",
+            "Seconds to render the model's waiting jobs at that rate (+Inf: nothing renders them).",
+            labels=labels,
+        )
+        for c in capacity:
+            workers.add_metric([c.model], c.workers)
+            rate.add_metric([c.model], c.images_per_s)
+            drain.add_metric([c.model], float("inf") if c.drain_s is None else c.drain_s)
+        yield workers
+        yield rate
+        yield drain
+
+    def _hash(self, name: str) -> dict[str, str]:
+        return {_s(k): _s(v) for k, v in self.redis.hgetall(self.keys.stats(name)).items()}
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,79 @@
+"""The /v1/jobs and /v1/workers routes: one job, its image, cancelling it; the live workers."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter
+from fastapi.responses import RedirectResponse, Response
+
+from producer.capacity import unserved_note
+from producer.farm import GUARDED, ApiError, FarmDep
+from producer.schemas import JobCancelled, JobPublic, WorkersList, errors, job_public
+from shared.jobs import JobState, is_job_id
+from shared.registry import live_workers
+
+__all__ = ["router"]
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(dependencies=GUARDED, responses=errors(400, 401, 503))
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobPublic, responses=errors(404), tags=["jobs"])
+def get_job(job_id: str, f: FarmDep) -> JobPublic:
+    """One job: state, progress (step k of n), spec, result, error."""
+    _check_job_id(job_id)
+    record = f.ledger.job(job_id)
+    waiting = unserved_note(f.ledger, [record["model"]], {record["state"]: 1})
+    return job_public(record).model_copy(update={"waiting_for": waiting})
+
+
+@router.get(
+    "/v1/jobs/{job_id}/image",
+    response_class=Response,
+    tags=["jobs"],
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The PNG (file:// storage)."},
+        307: {"description": "A presigned URL of the PNG (S3 storage), in `Location`."},
+        **errors(404, 409),
+    },
+)
+def get_image(job_id: str, f: FarmDep) -> Response:
+    """The job's PNG: a redirect to a short-lived presigned URL, or the bytes themselves."""
+    _check_job_id(job_id)
+    record = f.ledger.job(job_id)
+    if record["state"] != JobState.SUCCEEDED.value:
+        raise ApiError(
+            409, f"job {job_id} is {record['state']}; its image exists once it has succeeded"
+        )
+    key = record["result"]["key"]
+    url = f.storage.url(key, f.settings.presign_expiry_s)
+    if url is None:
+        return Response(f.storage.get(key), media_type="image/png")
+    return RedirectResponse(url, status_code=307)
+
+
+@router.delete(
+    "/v1/jobs/{job_id}", response_model=JobCancelled, responses=errors(404), tags=["jobs"]
+)
+def cancel_job(job_id: str, f: FarmDep) -> JobCancelled:
+    """Cancel: a queued job never renders, a running one stops at its next sampling step."""
+    _check_job_id(job_id)
+    previous = f.ledger.request_cancel(job_id)
+    log.info("job %s: cancel requested (was %s)", job_id, previous)
+    return JobCancelled(job_id=job_id, state=f.ledger.job(job_id)["state"], was=previous)
+
+
+@router.get("/v1/workers", response_model=WorkersList, tags=["workers"])
+def workers(f: FarmDep) -> WorkersList:
+    """Live workers from their heartbeats, with images per second over the last minute."""
+    records = live_workers(f.redis, f.ledger.keys)
+    for record in records:
+        record["images_per_s"] = f.queue.worker_rate(record["worker_id"])
+    return WorkersList.model_validate({"workers": records})
+
+
+def _check_job_id(job_id: str) -> None:
+    if not is_job_id(job_id):
+        raise ApiError(404, f"no job {job_id[:40]!r}: job ids look like <batch id>-<number>")

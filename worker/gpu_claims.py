@@ -1,0 +1,111 @@
+"""GPU claims in Redis: how replicas that all see every GPU end up with one GPU each.
+
+Docker gives every replica of `docker compose up --scale worker=N` the same first GPU when a
+replica reserves `count: 1`. So the compose files give each replica all of them, and
+`sdfarm worker --gpus claim:1` takes one no other supervisor holds: a key per GPU UUID (unique
+across machines) set only if absent, with a TTL the supervisor renews while it runs. A replica that
+dies loses its claim after `ttl_s`; a replica with no GPU left waits for one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import redis
+
+from shared.config import Settings
+from shared.keys import Keys
+from worker.gpus import gpu_uuids
+
+__all__ = ["GpuClaims", "claim_gpus"]
+
+log = logging.getLogger(__name__)
+
+# Renew a claim only while we still hold it, so a claim that lapsed and was taken stays taken.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass
+class GpuClaims:
+    """The GPUs one supervisor holds, by UUID."""
+
+    client: redis.Redis
+    keys: Keys
+    owner: str
+    ttl_s: float = 30.0
+    held: list[str] = field(default_factory=list)
+
+    def claim(self, candidates: Sequence[str], count: int) -> list[str]:
+        """Claim free GPUs among `candidates` until `count` are held; return those held."""
+        for gpu in candidates:
+            if len(self.held) >= count:
+                break
+            if gpu not in self.held and self.client.set(
+                self.keys.gpu_claim(gpu), self.owner, nx=True, px=int(self.ttl_s * 1000)
+            ):
+                self.held.append(gpu)
+                log.info("supervisor %s: claimed GPU %s", self.owner, gpu)
+        return list(self.held)
+
+    def wait_for(
+        self, candidates: Sequence[str], count: int, stop: threading.Event, retry_s: float = 5.0
+    ) -> list[str]:
+        """Claim until `count` are held or `stop` is set; other replicas may hold the rest."""
+        while len(self.claim(candidates, count)) < count:
+            log.warning(
+                "supervisor %s: %d of %d GPUs here are claimed by other workers; waiting for one",
+                self.owner,
+                len(candidates) - len(self.held),
+                len(candidates),
+            )
+            if stop.wait(retry_s):
+                break
+        return list(self.held)
+
+    def renew(self) -> None:
+        """Extend every claim held; a claim lost meanwhile (Redis was down) is taken again."""
+        ttl_ms = int(self.ttl_s * 1000)
+        for gpu in self.held:
+            key = self.keys.gpu_claim(gpu)
+            try:
+                if not self.client.eval(_RENEW, 1, key, self.owner, ttl_ms) and not self.client.set(
+                    key, self.owner, nx=True, px=ttl_ms
+                ):
+                    log.error(
+                        "supervisor %s: GPU %s is now claimed by %s; two workers share it",
+                        self.owner,
+                        gpu,
+                        self.client.get(key),
+                    )
+            except redis.RedisError as e:
+                log.warning("supervisor %s: could not renew GPU %s: %s", self.owner, gpu, e)
+
+    def release(self) -> None:
+        for gpu in self.held:
+            try:
+                self.client.eval(_RELEASE, 1, self.keys.gpu_claim(gpu), self.owner)
+            except redis.RedisError as e:  # it expires on its own
+                log.warning("supervisor %s: could not release GPU %s: %s", self.owner, gpu, e)
+        self.held.clear()
+
+
+def claim_gpus(settings: Settings, count: int, env: Mapping[str, str]) -> tuple[str, GpuClaims]:
+    """`--gpus claim:N`: wait for N free GPUs of this machine; return them as `--gpus` ids."""
+    candidates = gpu_uuids(env)
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    claims = GpuClaims(redis.Redis.from_url(settings.redis_url), Keys(), owner)
+    # SIGTERM while waiting ends the process the default way: nothing runs yet, claims expire.
+    held = claims.wait_for(candidates, count, threading.Event())
+    return ",".join(held), claims

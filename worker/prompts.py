@@ -1,0 +1,109 @@
+"""Prompts to CLIP states: 75 tokens at a time, cut with a warning or encoded in chunks.
+
+CLIP reads 77 positions: a start token, 75 prompt tokens and an end token (then padding). A longer
+prompt is never cut silently. With `long_prompt="truncate"` the words past the 75th token are
+dropped and named in a warning that reaches the job record; with `long_prompt="chunk"` the prompt
+is split into 75-token chunks, each wrapped in start and end tokens and encoded on its own, and
+the states are concatenated (A1111's behaviour), so the U-Net attends to all of it. A row's prompt
+and negative prompt always get the same number of chunks: the shorter is padded with empty
+chunks, as A1111 does, since the U-Net batch holds both.
+
+Every 77-token sequence is encoded independently of the others, so a row's states do not depend
+on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from worker.models import LoadedModel
+
+__all__ = ["CHUNK_TOKENS", "EncodedRow", "encode_rows"]
+
+logger = logging.getLogger(__name__)
+
+CHUNK_TOKENS = 75  # prompt tokens CLIP reads between its start and end tokens
+
+
+@dataclass
+class EncodedRow:
+    """One row's CLIP states, (1, 77 * chunks, hidden) each, and what was lost on the way."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    warnings: list[str]
+
+
+def _chunks(ids: list[int], mode: str) -> list[list[int]]:
+    if mode == "chunk":
+        return [ids[i : i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)] or [[]]
+    return [ids[:CHUNK_TOKENS]]
+
+
+def _dropped(model: LoadedModel, what: str, ids: list[int]) -> str:
+    words = model.tokenizer.decode(ids[CHUNK_TOKENS:]).strip()
+    return (
+        f"{what} is {len(ids)} tokens; CLIP reads {CHUNK_TOKENS}, so these words were dropped: "
+        f"{words!r} (set long_prompt to 'chunk' to keep them)"
+    )
+
+
+def encode_rows(model: LoadedModel, prompts: Sequence[tuple[str, str, str]]) -> list[EncodedRow]:
+    """CLIP states for each (prompt, negative prompt, long_prompt mode), in row order."""
+    tokenizer = model.tokenizer
+    texts = [text for prompt, negative, _ in prompts for text in (prompt, negative)]
+    token_ids: list[list[int]] = tokenizer(texts, add_special_tokens=False).input_ids
+    sequences: list[list[int]] = []  # every chunk of every text, as the encoder's batch
+    spans: list[tuple[int, int, int]] = []  # per row: first cond chunk, first uncond, count
+    warnings: list[list[str]] = []
+    for row, (_, _, mode) in enumerate(prompts):
+        cond_ids, uncond_ids = token_ids[2 * row], token_ids[2 * row + 1]
+        row_warnings = [
+            _dropped(model, what, ids)
+            for what, ids in (("prompt", cond_ids), ("negative prompt", uncond_ids))
+            if mode != "chunk" and len(ids) > CHUNK_TOKENS
+        ]
+        for warning in row_warnings:
+            logger.warning("row %d: %s", row, warning)
+        cond, uncond = _chunks(cond_ids, mode), _chunks(uncond_ids, mode)
+        count = max(len(cond), len(uncond))
+        cond += [[]] * (count - len(cond))
+        uncond += [[]] * (count - len(uncond))
+        spans.append((len(sequences), len(sequences) + count, count))
+        sequences += cond + uncond
+        warnings.append(row_warnings)
+    states = _encode_sequences(model, sequences)
+    return [
+        EncodedRow(
+            cond=states[first : first + count].reshape(1, -1, states.shape[-1]),
+            uncond=states[second : second + count].reshape(1, -1, states.shape[-1]),
+            warnings=row_warnings,
+        )
+        for (first, second, count), row_warnings in zip(spans, warnings, strict=True)
+    ]
+
+
+def _encode_sequences(model: LoadedModel, sequences: list[list[int]]) -> torch.Tensor:
+    """CLIP's last hidden state for each chunk: start token, the chunk, end token, padding."""
+    tokenizer = model.tokenizer
+    length = tokenizer.model_max_length
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    masks = []
+    for chunk in sequences:
+        ids = [tokenizer.bos_token_id, *chunk, tokenizer.eos_token_id]
+        rows.append(ids + [pad] * (length - len(ids)))
+        masks.append([1] * len(ids) + [0] * (length - len(ids)))
+    input_ids = torch.tensor(rows, dtype=torch.long, device=model.device)
+    # SD's U-Net was trained on CLIP states computed without an attention mask, padding included;
+    # as in diffusers, only a text encoder whose config asks for a mask gets one.
+    attention_mask = None
+    if getattr(model.text_encoder.config, "use_attention_mask", False):
+        attention_mask = torch.tensor(masks, dtype=torch.long, device=model.device)
+    output = model.text_encoder(input_ids, attention_mask=attention_mask)
+    hidden: torch.Tensor = output[0].to(dtype=model.dtype)
+    return hidden
