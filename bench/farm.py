@@ -28,12 +28,14 @@ __all__ = ["measure_farm"]
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.05  # how often the bench asks whether the batch is done (bounds the timing error)
+# How often the bench asks whether a batch is done. The time itself comes from the jobs' own
+# `finished_at`, so polling only has to notice the end; slow, it steals no CPU from the worker.
+POLL_S = 0.5
 RENDER_TIMEOUT_S = 1800.0
 
 
-def _wait_done(client: FarmClient, batch_id: str, total: int) -> float:
-    """Poll until every job of the batch ended; returns when that was seen."""
+def _wait_done(client: FarmClient, batch_id: str, total: int) -> None:
+    """Poll until every job of the batch ended; raise unless all succeeded."""
     deadline = time.monotonic() + RENDER_TIMEOUT_S
     while time.monotonic() < deadline:
         counts = client.batch(batch_id)["counts"]
@@ -41,7 +43,7 @@ def _wait_done(client: FarmClient, batch_id: str, total: int) -> float:
         if ended == total:
             if counts["succeeded"] != total:
                 raise RuntimeError(f"batch {batch_id}: not every job succeeded: {counts}")
-            return time.perf_counter()
+            return
         time.sleep(POLL_S)
     raise TimeoutError(f"batch {batch_id} not done after {RENDER_TIMEOUT_S:.0f} s")
 
@@ -61,7 +63,7 @@ def _overhead(ledger: Ledger, job_ids: list[str]) -> dict[str, float]:
     """The worker's wall time on the batch, and the share of it outside the three models."""
     records = [r for r in ledger.jobs(job_ids) if r is not None]
     started = min(float(r["started_at"]) for r in records)
-    finished = max(float(r["finished_at"]) for r in records)
+    finished = max(float(r["finished_at"]) for r in records)  # the last object stored
     # Every job of a chunk carries the chunk's timings: a job's share is 1/rows of them.
     model_s = sum(
         (t["text_encoder"] + t["unet"] + t["vae"]) / t["batch_rows"]
@@ -70,6 +72,7 @@ def _overhead(ledger: Ledger, job_ids: list[str]) -> dict[str, float]:
     rows = [r["timings"]["batch_rows"] for r in records]
     wall = finished - started
     return {
+        "last_finished_at": finished,
         "worker_wall_s": wall,
         "model_s": model_s,
         "overhead_share": 1 - model_s / wall,
@@ -98,8 +101,9 @@ def measure_farm(  # noqa: PLR0917 - one caller, every argument named there
     warm_up: Sequence[Job],
     memory_jobs: Sequence[Job],
     max_batch: int,
+    repeats: int = 1,
 ) -> dict[str, Any]:
-    """Images/s of the whole farm on `jobs`, its overhead, the worker's RSS, Redis per job."""
+    """Images/s of the whole farm on `jobs` (best of `repeats`), its overhead, RSS, Redis/job."""
     env = {"SDFARM_MAX_BATCH": str(max_batch)}
     farm = LocalFarm(state_dir=state_dir, workers=0, models={"tiny": str(model_dir)}, extra_env=env)
     with farm:
@@ -114,12 +118,16 @@ def measure_farm(  # noqa: PLR0917 - one caller, every argument named there
                 first = _submit(client, warm_up)
                 _wait_done(client, first["batch_id"], len(warm_up))
 
-                started = time.perf_counter()
-                submitted = _submit(client, jobs)
-                done = _wait_done(client, submitted["batch_id"], len(jobs))
-                result: dict[str, Any] = {"farm_s": done - started}
+                result: dict[str, Any] = {"farm_s": float("inf")}
+                for _ in range(repeats):
+                    started = time.time()  # the clock the worker stamps `finished_at` with
+                    submitted = _submit(client, jobs)
+                    _wait_done(client, submitted["batch_id"], len(jobs))
+                    run = _overhead(ledger, submitted["job_ids"])
+                    farm_s = run.pop("last_finished_at") - started
+                    if farm_s < result["farm_s"]:
+                        result = {"farm_s": farm_s, **run}
                 result["farm_images_per_s"] = len(jobs) / result["farm_s"]
-                result |= _overhead(ledger, submitted["job_ids"])
                 result["worker_peak_rss_mib"] = _peak_rss_mib(worker.pid)
                 worker.stop(30)  # drains its output pipeline; nothing may render what follows
                 result |= _redis_bytes_per_job(client, r, memory_jobs)

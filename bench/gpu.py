@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.sd15 import build_sd15, build_tiny, scheduler_for
 from worker.accel import Levers, apply_levers, rows_per_pass
 from worker.models import LoadedModel
-from worker.sampler import PassParams, Row, render_pass
+from worker.sampler import PassParams, PassResult, Row, render_pass
 from worker.schedulers import make_scheduler
 
 ISSUE_IMAGE_TFLOP = 83.0  # the issue's figure for SD 1.5, 512x512, 50 steps with guidance
@@ -167,6 +167,14 @@ class Bench:
     def record(self, result: dict[str, Any]) -> None:
         _summarise(result, result["rows"], self.image_tflop, self.args.peak_tflops)
         self.run.add("configs", result)
+        elapsed = time.monotonic() - self.started
+        print(
+            f"[{elapsed:5.0f} s] {result['engine']} x{result['rows']} "
+            f"compiled={result['compiled']}: {result['it_per_s']:.2f} it/s, "
+            f"{result['images_per_s_50']:.3f} img/s at {TARGET_STEPS} steps "
+            f"(warm-up {result['warmup_s']:.1f} s)",
+            flush=True,
+        )
 
     def diffusers_pipeline(self) -> None:
         """diffusers' pipeline at batch 1, before the farm's levers touch the modules."""
@@ -202,15 +210,20 @@ class Bench:
                 self.run.add("skipped", {"compiled": compiled, "rows": rows, "why": "time budget"})
                 continue
             batch = [Row(f"{PROMPT} {i}", "blurry", seed=i, guidance=7.5) for i in range(rows)]
+            last: list[PassResult] = []
 
-            def render(n: int, batch: list[Row] = batch) -> object:
-                return render_pass(self.model, batch, PassParams(n, self.size, self.size))
+            def render(n: int, batch: list[Row] = batch, last: list[PassResult] = last) -> object:
+                last[:] = [render_pass(self.model, batch, PassParams(n, self.size, self.size))]
+                return last[0]
 
             result: dict[str, Any] = {"engine": "farm", "rows": rows, "compiled": compiled}
             if compiled:
                 result["graph"] = "static" if index == 0 else "dynamic batch"
             result |= measure(self.device, render, self.steps)
             result["lms_host_ms_per_step"] = scheduler_ms_per_step(self.model, rows, self.size)
+            # Random weights in fp16 could overflow; a decode retried in fp32 would skew the VAE.
+            result["vae_fp32_retries"] = sum(1 for w in last[0].warnings if w)
+            result["failed_rows"] = sum(1 for e in last[0].errors if e)
             self.record(result)
 
 
@@ -306,6 +319,7 @@ def _start_watchdog(run: Run, limit_s: float) -> None:
     def expire() -> None:
         run.add("aborted", f"still running after {limit_s:.0f} s (a compile overran): exited")
         _print_table(run.data)
+        sys.stdout.flush()
         os._exit(3)
 
     timer = threading.Timer(limit_s, expire)

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from producer import routes_batches, routes_jobs
-from producer.farm import GUARDED, ApiError, Farm, FarmDep
+from producer.farm import GUARDED, ApiError, Farm, FarmDep, known_query_only
 from producer.metrics import render_metrics
 from producer.schemas import Health, errors
 from shared.config import Settings
@@ -57,6 +57,8 @@ def create_app(
         lifespan=lifespan,
         description="A render farm for Stable Diffusion. Every /v1 route and /metrics need "
         "`Authorization: Bearer KEY` when the farm has keys (SDFARM_API_KEYS).",
+        dependencies=[Depends(known_query_only)],
+        responses=errors(422),
     )
     app.add_middleware(_RefuseKeysInQuery)
     _install_error_handlers(app)
@@ -128,9 +130,12 @@ class _RefuseKeysInQuery:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         query = scope.get("query_string", b"") if scope["type"] == "http" else b""
         if query:
-            names = {k.lower() for k, _ in parse_qsl(query.decode("latin-1"), True)}
-            found = sorted(names & _KEY_PARAMS)
+            pairs = parse_qsl(query.decode("latin-1"), True)
+            found = sorted({k.lower() for k, _ in pairs} & _KEY_PARAMS)
             if found:
+                # The server's access log prints this scope's query: the key must not reach it.
+                redacted = [(k, "REDACTED" if k.lower() in _KEY_PARAMS else v) for k, v in pairs]
+                scope["query_string"] = urlencode(redacted).encode()
                 message = (
                     f"refused: `{found[0]}` in the URL; send the key in the header "
                     "`Authorization: Bearer KEY`, never in a query string"

@@ -15,6 +15,8 @@ from typing import Annotated
 
 import redis
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from producer.dispatcher import Dispatcher
@@ -26,7 +28,16 @@ from shared.config import Settings
 from shared.ledger import Ledger
 from shared.storage import Storage, open_storage
 
-__all__ = ["GUARDED", "ApiError", "Farm", "FarmDep", "KeyScope", "authorized", "get_farm"]
+__all__ = [
+    "GUARDED",
+    "ApiError",
+    "Farm",
+    "FarmDep",
+    "KeyScope",
+    "authorized",
+    "get_farm",
+    "known_query_only",
+]
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +128,28 @@ def authorized(
 
 KeyScope = Annotated[str, Depends(authorized)]
 GUARDED = [Depends(authorized)]
+
+_QUERY_NAMES: dict[tuple[str, str], frozenset[str]] = {}  # (path, methods) -> parameter names
+
+
+def known_query_only(request: Request) -> None:
+    """Refuse query parameters a route does not take: a misspelt `limt=` is not ignored."""
+    route = request.scope.get("route")
+    if not request.query_params or not isinstance(route, APIRoute):
+        return
+    key = (route.path, ",".join(sorted(route.methods or ())))
+    if key not in _QUERY_NAMES:
+        _QUERY_NAMES[key] = frozenset(_query_names(route.dependant))
+    unknown = sorted(set(request.query_params) - _QUERY_NAMES[key])
+    if unknown:
+        takes = ", ".join(sorted(_QUERY_NAMES[key])) or "none"
+        raise ApiError(
+            422, f"unknown query parameter {unknown[0][:40]!r}; {route.path} takes: {takes}"
+        )
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names

@@ -95,7 +95,7 @@ class Finisher:
             webhooks.enqueue(self.ledger, batch_id, url, payload)
 
 
-def summary(record: dict[str, object]) -> dict[str, object]:
+def summary(record: dict[str, Any]) -> dict[str, Any]:
     """The webhook body for a batch record from `Ledger.batch`."""
     finished = record.get("finished_at")
     return {
@@ -103,8 +103,8 @@ def summary(record: dict[str, object]) -> dict[str, object]:
         "batch_id": record["batch_id"],
         "total": record["total"],
         "counts": record["counts"],
-        "priority": int(str(record.get("priority") or 0)) if record.get("priority") else None,
-        "created_at": float(str(record["created_at"])),
-        "finished_at": float(str(finished)) if finished else time.time(),
+        "priority": int(record["priority"]) if record.get("priority") else None,
+        "created_at": float(record["created_at"]),
+        "finished_at": float(finished) if finished else time.time(),
         "cancelled": bool(record.get("cancelled_at")),
     }

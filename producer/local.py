@@ -113,6 +113,7 @@ class LocalFarm:
         self.device = device
         self.extra_env = dict(extra_env or {})
         self.api_key = secrets.token_urlsafe(32)
+        self.webhook_secret = secrets.token_urlsafe(32)  # signs batch-end callbacks
         self.s3: S3Service | None = None
         self.workers: list[ManagedProcess] = []
         self.env: dict[str, str] = {}
@@ -240,6 +241,7 @@ class LocalFarm:
             "SDFARM_REDIS_URL": self.redis.url,
             "SDFARM_MODELS": ",".join(f"{name}={path}" for name, path in self.models.items()),
             "SDFARM_API_KEYS": self.api_key,
+            "SDFARM_WEBHOOK_SECRET": self.webhook_secret,
         }
         if self.s3 is not None:
             env |= {
@@ -252,6 +254,9 @@ class LocalFarm:
         else:
             env["SDFARM_STORAGE_URL"] = f"file://{self.state_dir / 'images'}"
             env.pop("SDFARM_S3_ENDPOINT_URL", None)
+        if self.device == "cpu" and "OMP_NUM_THREADS" not in env:
+            # N CPU workers that each start a thread per core would fight over the cores.
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, self.worker_count)))
         return env | self.extra_env  # the caller's settings win (the fault suite's short timeouts)
 
     def client_env(self) -> dict[str, str]:
@@ -259,6 +264,7 @@ class LocalFarm:
         names = [
             "SDFARM_REDIS_URL", "SDFARM_STORAGE_URL", "SDFARM_S3_ENDPOINT_URL", "SDFARM_MODELS",
             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+            "SDFARM_WEBHOOK_SECRET",
         ]  # fmt: skip
         shared = {name: self.env[name] for name in names if name in self.env}
         return {"SDFARM_API_URL": self.api_url, "SDFARM_API_KEY": self.api_key, **shared}
@@ -355,6 +361,7 @@ def _print_summary(farm: LocalFarm) -> None:
         f"\nsdfarm is up: {farm.worker_count} worker(s) on {farm.device} "
         f"(loading {', '.join(farm.models)}), logs in {farm.log_dir}\n"
         f"  API       {farm.api_url}  (docs at {farm.api_url}/docs)\n"
+        f"  dashboard {farm.api_url}/  (paste the API key below into its key field)\n"
         f"  Redis     {farm.redis.url}\n"
         f"  storage   {storage}\n\n"
         "In another shell:\n"

@@ -89,9 +89,10 @@ def list_batches(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> BatchList:
     """Batches, newest first."""
-    records = f.ledger.batches_page(cursor, limit)
+    records = f.ledger.batches_page(cursor, limit)  # expired ones are dropped, so maybe fewer
     batches = [_with_estimate(f, record) for record in records]
-    return BatchList(batches=batches, next_cursor=cursor + limit if len(records) == limit else None)
+    more = cursor + limit < f.redis.zcard(f.ledger.keys.batches())
+    return BatchList(batches=batches, next_cursor=cursor + limit if more else None)
 
 
 @router.get("/v1/batches/{batch_id}", response_model=BatchPublic, responses=errors(404))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -168,6 +169,22 @@ class ManifestLine(BaseModel):
     error: str | None = None
 
 
+def _public_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as stored, except an inline init image, which is shown by size and digest.
+
+    An uploaded init image can be megabytes of base64; echoing it in every status poll and page
+    of jobs would cost more than the rest of the response.
+    """
+    image = spec.get("init_image")
+    if not image or image.startswith("s3://"):
+        return spec
+    digest = hashlib.sha256(image.encode()).hexdigest()[:16]
+    return {
+        **spec,
+        "init_image": f"<inline image: {len(image)} base64 characters, sha256 {digest}>",
+    }
+
+
 def job_public(record: dict[str, Any], image_url: str | None = None) -> JobPublic:
     """The public view of a job record from `Ledger.job`."""
     return JobPublic(
@@ -178,7 +195,7 @@ def job_public(record: dict[str, Any], image_url: str | None = None) -> JobPubli
             "step": record.get("step", 0),
             "steps": record.get("steps", record["spec"]["steps"]),
         },
-        spec=record["spec"],
+        spec=_public_spec(record["spec"]),
         attempts=record.get("attempts", 0),
         worker=record.get("worker"),
         result=record.get("result"),

@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     # Speed levers a worker pulls at model load; worker/accel.py says why each is set so.
     # torch.compile the U-Net and warm it up at start (`sdfarm worker --compile`).
     compile_unet: bool = False
-    # Sizes (`WxH,...`) the compiled U-Net is warmed up for, at max_batch rows and at one row.
+    # Sizes (`WxH,...`) the compiled U-Net is warmed up for, at every pass size to max_batch.
     compile_sizes: str = Field(default="512x512", pattern=r"^\d+x\d+(,\d+x\d+)*$")
     # Let cuDNN time its convolution algorithms once per shape (a farm sees few shapes).
     cudnn_benchmark: bool = True

@@ -151,7 +151,7 @@ class JobSpec(BaseModel):
     ) -> float | None:
         if value is None:
             return value
-        if info.data.get("init_image") is None:
+        if "init_image" in info.data and info.data["init_image"] is None:  # absent: it failed
             raise ValueError(f"strength ({value:g}) applies only to jobs with an init_image")
         steps = info.data.get("steps")
         if steps is not None and int(steps * value) < 1:

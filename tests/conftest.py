@@ -24,6 +24,9 @@ from producer.services import (
     weed_binary,
 )
 
+# Fixtures kept in their own modules, registered here so every test module can use them.
+pytest_plugins = ["tests.fixtures_model", "tests.fixtures_farm", "tests.fixtures_api"]
+
 
 def _running_in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")

@@ -4,7 +4,7 @@ Tests that need a worker start one from `tests.fixtures_farm`; these fixtures ar
 front door does on its own. A test that plays the worker's part does it through the real ledger,
 exactly as `worker.chunk` does (claim, then succeed or fail with the same fields).
 
-Import into a test module: `from tests.fixtures_api import ...  # noqa: F401`.
+Registered for every test module by `pytest_plugins` in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from producer.services import S3Service
 from shared.config import Settings
 from shared.jobs import JobState
 from shared.ledger import Ledger
-from tests.fixtures_farm import serve_api  # noqa: F401
 
 API_KEY = "test-key-" + "k" * 24
 WEBHOOK_SECRET = "test-webhook-secret"

@@ -1,6 +1,6 @@
 """A farm for tests: the API served over real HTTP in this process, real worker processes.
 
-Import the fixtures into a test module: `from tests.fixtures_farm import ...  # noqa: F401`.
+Registered for every test module by `pytest_plugins` in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def farm_env(
         "SDFARM_MODELS": f"tiny={tiny_model_dir}",
         "SDFARM_LEASE_S": "10",
         "SDFARM_WORKER_TTL_S": "6",
+        "OMP_NUM_THREADS": "1",  # several worker processes share 2 cores: one thread each
         "AWS_ACCESS_KEY_ID": s3_service.access_key,
         "AWS_SECRET_ACCESS_KEY": s3_service.secret_key,
         "AWS_DEFAULT_REGION": s3_service.region,

@@ -9,7 +9,6 @@ import pytest
 from pydantic import ValidationError
 
 from shared.config import Settings
-from tests.fixtures_model import tiny_model_dir  # noqa: F401
 from worker.accel import Levers, render_in_passes, rows_per_pass
 from worker.models import LoadedModel, load_model
 from worker.sampler import PassParams, Row, render_pass
@@ -18,7 +17,7 @@ PARAMS = PassParams(steps=3, width=64, height=64)
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tiny_model_dir: Path) -> LoadedModel:  # noqa: F811
+def tiny_model(tiny_model_dir: Path) -> LoadedModel:
     return load_model("tiny", str(tiny_model_dir))
 
 

@@ -9,8 +9,7 @@ import httpx
 import redis
 
 from shared.keys import Keys
-from tests.fixtures_api import API_KEY, Api, api, start_api  # noqa: F401
-from tests.fixtures_farm import serve_api  # noqa: F401
+from tests.fixtures_api import API_KEY, Api
 
 JOB = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 4}
 
@@ -168,3 +167,12 @@ def test_batches_are_listed_newest_first(api: Api) -> None:
     listing = api.http.get("/v1/batches").json()
     assert [b["batch_id"] for b in listing["batches"]] == [second, first]
     assert redis.Redis.from_url(api.settings.redis_url).zscore(Keys().active_batches(), first)
+
+
+def test_an_unknown_query_parameter_is_refused_not_ignored(api: Api) -> None:
+    response = api.http.get("/v1/batches", params={"limt": 5})
+    assert response.status_code == 422
+    assert (
+        response.json()["error"]
+        == "unknown query parameter 'limt'; /v1/batches takes: cursor, limit"
+    )

@@ -8,15 +8,17 @@ import time
 import pytest
 
 from producer.client import FarmClient
-from tests.fixtures_farm import FarmEnv, farm_env, serve_api  # noqa: F401
-from tests.fixtures_model import tiny_model_dir  # noqa: F401
+from tests.fixtures_farm import FarmEnv
 
 LONG = {"width": 64, "height": 64, "steps": 150}  # minutes of CPU: it only ends by a cancel
 SHORT = {"width": 64, "height": 64, "steps": 3}  # another compat key: a chunk of its own
 
 
 def test_cancel_stops_a_running_job_and_queued_jobs_never_render(
-    farm_env: FarmEnv, serve_api, s3_service, request: pytest.FixtureRequest
+    farm_env: FarmEnv,
+    serve_api,
+    s3_service,
+    request: pytest.FixtureRequest,
 ) -> None:
     # Given one worker busy with a long job, and a batch queued behind it (already dispatched)
     farm_env.start_worker(extra_env={"SDFARM_PROGRESS_INTERVAL_S": "0.05"})

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 from shared.jobs import JobState
-from tests.fixtures_api import Api, api, start_api  # noqa: F401
-from tests.fixtures_farm import serve_api  # noqa: F401
+from tests.fixtures_api import Api
 
 
 def _submit(api: Api, count: int, **body: object) -> dict:
@@ -89,7 +88,8 @@ def test_retry_requeues_failed_and_cancelled_jobs_with_their_original_seeds(api:
 
 
 def test_the_manifest_streams_and_is_stored_next_to_the_images_when_the_batch_ends(
-    api: Api, s3_service
+    api: Api,
+    s3_service,
 ) -> None:
     # Given a batch of three: one rendered, one failed, one cancelled (so the batch ends)
     submitted = _submit(api, 3, defaults={"seed": 11})

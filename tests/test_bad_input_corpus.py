@@ -15,7 +15,6 @@ import redis
 from shared.config import Settings
 from shared.keys import Keys
 from tests.faults.corpus import cases, send_all
-from tests.fixtures_farm import serve_api  # noqa: F401
 
 KEY = "corpus-test-key-0123456789"
 
@@ -28,7 +27,7 @@ def test_the_corpus_holds_at_least_40_distinct_malformed_requests() -> None:
 
 def test_every_malformed_request_gets_a_4xx_that_says_what_is_wrong_and_enqueues_nothing(
     redis_url: str,
-    serve_api: Callable[[Settings], str],  # noqa: F811 - the fixture imported above
+    serve_api: Callable[[Settings], str],
     tmp_path: Path,
 ) -> None:
     # Given the API on a real Redis, with a key and one model configured

@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from bench.gpu import count_tflop
+from bench.sd15 import build_sd15
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,3 +49,20 @@ def test_the_gpu_benchmark_runs_tiny_on_a_cpu_and_writes_its_json(tmp_path: Path
     assert 0 < data["flops"]["unet_step_tflop"] < 0.01
     assert data["flops"]["image_tflop"] > 50 * data["flops"]["unet_step_tflop"]
     assert "extrapolated to 50 steps" in data["method"]
+
+
+def test_the_full_size_model_is_sd15_by_its_parameters_and_flops() -> None:
+    # Given SD 1.5 built from the configs in bench/sd15.py, on the meta device (shapes only)
+    model = build_sd15(torch.device("meta"), torch.float16)
+
+    # Then its parts have SD 1.5's parameter counts (millions, as published)
+    def millions(module: torch.nn.Module) -> float:
+        return round(sum(p.numel() for p in module.parameters()) / 1e6, 1)
+
+    assert millions(model.unet) == 859.5
+    assert millions(model.vae) == 83.7
+    assert millions(model.text_encoder) == 123.1
+    # And an image at 512x512 and 50 steps costs the issue's 83 TFLOP (1.6 a guided step)
+    flops = count_tflop(model, 512)
+    assert round(flops["unet_step_tflop"], 1) == 1.6
+    assert round(flops["image_tflop"]) == 83

@@ -17,9 +17,8 @@ from PIL import Image
 from producer.services import free_port
 from shared.jobs import JobState
 from shared.storage import image_key, open_storage
-from tests.fixtures_api import API_KEY, Api, api, start_api  # noqa: F401
-from tests.fixtures_farm import ROOT, FarmEnv, farm_env, serve_api  # noqa: F401
-from tests.fixtures_model import tiny_model_dir  # noqa: F401
+from tests.fixtures_api import API_KEY, Api
+from tests.fixtures_farm import ROOT, FarmEnv
 
 SMALL = ["--width", "64", "--height", "64", "--steps", "4"]
 
@@ -40,7 +39,9 @@ def sdfarm(
 
 
 def test_submit_wait_shows_progress_then_a_table_of_results(
-    farm_env: FarmEnv, serve_api, tmp_path: Path
+    farm_env: FarmEnv,
+    serve_api,
+    tmp_path: Path,
 ) -> None:
     # Given a keyed farm with one worker, and a file of three prompts
     farm_env.start_worker()
@@ -80,7 +81,8 @@ def _finished_batch(api: Api, count: int) -> tuple[str, list[str]]:
 
 
 def test_fetch_downloads_once_and_fetches_again_only_what_is_damaged(
-    api: Api, tmp_path: Path
+    api: Api,
+    tmp_path: Path,
 ) -> None:
     # Given a finished batch of three images, fetched once
     batch_id, job_ids = _finished_batch(api, 3)
@@ -153,3 +155,28 @@ def test_cancel_then_retry_queues_the_jobs_again(api: Api) -> None:
     assert retried.returncode == 0
     assert json.loads(retried.stdout)["requeued"] == 2
     assert api.ledger.batch(batch_id)["counts"]["queued"] == 2
+
+
+def test_a_jsonl_file_with_a_broken_line_is_refused_naming_file_and_line(
+    api: Api,
+    tmp_path: Path,
+) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a cat"}\n{"prompt": "a dog"\n')
+    done = sdfarm(api.url, "submit", str(jobs))
+    assert done.returncode == 2
+    assert f"{jobs}:2: not valid JSON" in done.stderr
+    assert api.ledger.redis.zcard(api.ledger.keys.batches()) == 0
+
+
+def test_status_shows_counts_and_how_long_to_wait_as_a_table(api: Api) -> None:
+    # Given a farm that rendered two images recently, and a batch of three waiting
+    _finished_batch(api, 2)
+    waiting = sdfarm(api.url, "submit", "--prompt", "a", "--prompt", "b", "--prompt", "c")
+    # When its status is asked for
+    done = sdfarm(api.url, "status", waiting.stdout.strip())
+    # Then a table shows the counts, and a line the priority, the jobs ahead and the ETA
+    assert done.returncode == 0, done.stderr
+    assert "queued" in done.stdout and "succeeded" in done.stdout
+    assert "priority 5, 0 jobs ahead, ETA " in done.stdout
+    assert "ETA unknown" not in done.stdout  # two images were measured

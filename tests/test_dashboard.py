@@ -13,8 +13,7 @@ import pytest
 from producer.client import FarmClient
 from shared.jobs import JobState
 from shared.ledger import Ledger
-from tests.fixtures_farm import FarmEnv, farm_env, serve_api  # noqa: F401
-from tests.fixtures_model import tiny_model_dir  # noqa: F401
+from tests.fixtures_farm import FarmEnv
 
 KEY = "dashboard-test-key"
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -34,7 +33,9 @@ def chromium() -> str:
 
 
 def test_the_dashboard_shows_images_failures_workers_and_cancels_a_queued_batch(
-    farm_env: FarmEnv, serve_api, chromium: str
+    farm_env: FarmEnv,
+    serve_api,
+    chromium: str,
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
 

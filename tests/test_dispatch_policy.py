@@ -24,8 +24,7 @@ from shared.jobs import JobSpec, batch_of, new_batch_id
 from shared.keys import Keys
 from shared.ledger import Ledger
 from shared.registry import publish_heartbeat
-from tests.fixtures_farm import FarmEnv, farm_env, serve_api  # noqa: F401
-from tests.fixtures_model import tiny_model_dir  # noqa: F401
+from tests.fixtures_farm import FarmEnv
 
 SPEC = {"prompt": "a lighthouse", "model": "tiny", "seed": 1, "width": 64, "height": 64, "steps": 2}
 

@@ -11,8 +11,7 @@ from producer.client import FarmClient
 from shared.keys import Keys
 from shared.ledger import STATES
 from shared.metadata import read_png_metadata
-from tests.fixtures_farm import FarmEnv, farm_env, serve_api  # noqa: F401
-from tests.fixtures_model import tiny_model_dir  # noqa: F401
+from tests.fixtures_farm import FarmEnv
 
 PROMPTS = [f"a watercolor of lighthouse number {i}, stormy sea" for i in range(24)]
 

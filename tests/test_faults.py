@@ -23,7 +23,6 @@ from shared.ledger import Ledger
 from shared.storage import open_storage
 from tests.faults import infra, work
 from tests.faults.harness import SMALL, FaultFarm, Row
-from tests.fixtures_model import tiny_model_dir  # noqa: F401
 from worker.chunk import WorkerContext, process_chunk
 from worker.models import load_model
 
@@ -121,6 +120,7 @@ def test_a_chunk_outliving_the_visibility_timeout_is_delivered_again_harmlessly(
 def test_two_workers_handed_the_same_chunk_store_one_image_per_job(farm: FaultFarm) -> None:
     # Given the same chunk sent three times, When two workers take copies at once
     row = infra.same_chunk_twice(farm)
+    assert row.details["took_a_copy"] == {0, 1}
     # Then each job succeeded exactly once, with exactly one object
     _assert_nothing_lost_or_duplicated(row)
     assert row.succeeded == row.submitted == 4

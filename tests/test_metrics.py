@@ -8,8 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.keys import Keys
 from shared.registry import publish_heartbeat
-from tests.fixtures_api import Api, api, start_api  # noqa: F401
-from tests.fixtures_farm import serve_api  # noqa: F401
+from tests.fixtures_api import Api
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -34,8 +34,7 @@ from shared.config import Settings
 from shared.keys import Keys
 from shared.ledger import Ledger
 from shared.registry import live_workers
-from tests.fixtures_farm import ROOT, serve_api  # noqa: F401
-from tests.fixtures_model import tiny_model_dir  # noqa: F401
+from tests.fixtures_farm import ROOT
 
 SERVER_IP = "198.51.100.1"  # TEST-NET-2: documentation addresses, never routed anywhere
 HOSTS = {"host-a": ("198.51.100.11", "va"), "host-b": ("198.51.100.12", "vb")}

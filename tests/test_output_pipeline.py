@@ -15,7 +15,6 @@ from shared.config import Settings
 from shared.jobs import JobSpec, JobState, batch_of, new_batch_id
 from shared.ledger import Ledger
 from shared.storage import S3Storage, Storage, image_key
-from tests.fixtures_model import tiny_model_dir  # noqa: F401
 from worker.chunk import WorkerContext, process_chunk
 from worker.models import LoadedModel, load_model
 from worker.output import OutputPipeline
@@ -49,7 +48,7 @@ class SlowStore:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tiny_model_dir: Path) -> LoadedModel:  # noqa: F811
+def tiny_model(tiny_model_dir: Path) -> LoadedModel:
     return load_model("tiny", str(tiny_model_dir))
 
 

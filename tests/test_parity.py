@@ -16,7 +16,6 @@ from diffusers import StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
 from shared.errors import InvalidJob, ModelLoadError, RenderCancelled
-from tests.fixtures_model import tiny_model_dir  # noqa: F401
 from worker.models import LoadedModel, load_model
 from worker.sampler import PassParams, Row, render_pass
 from worker.tiny import make_tiny
@@ -24,17 +23,18 @@ from worker.tiny import make_tiny
 # numpy 2.4 warns when torch's Tensor.__array__ lacks a `copy` argument, and LMSDiscreteScheduler
 # calls np.array(tensor) when it is built and in set_timesteps; nothing on our side can avoid it.
 PIXEL_TOLERANCE = 2  # levels of 255, per channel
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PARAMS = PassParams(steps=10, width=64, height=64)
 GUIDANCE = 7.5
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir: Path) -> LoadedModel:  # noqa: F811
+def model(tiny_model_dir: Path) -> LoadedModel:
     return load_model("tiny", str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_model_dir: Path) -> Iterator[StableDiffusionPipeline]:  # noqa: F811
+def pipeline(tiny_model_dir: Path) -> Iterator[StableDiffusionPipeline]:
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     yield pipe
@@ -148,7 +148,7 @@ def test_different_seeds_give_different_images(model: LoadedModel) -> None:
 
 
 def test_the_tokenizer_loads_in_transformers_and_wraps_a_prompt_in_bos_and_eos(
-    tiny_model_dir: Path,  # noqa: F811
+    tiny_model_dir: Path,
 ) -> None:
     # Given the tokenizer folder of the tiny model
     tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
@@ -162,7 +162,7 @@ def test_the_tokenizer_loads_in_transformers_and_wraps_a_prompt_in_bos_and_eos(
     assert tokenizer.model_max_length == 77 and tokenizer.pad_token == "<|endoftext|>"
 
 
-def test_the_tiny_model_folder_is_under_10_mb(tiny_model_dir: Path) -> None:  # noqa: F811
+def test_the_tiny_model_folder_is_under_10_mb(tiny_model_dir: Path) -> None:
     size = sum(f.stat().st_size for f in tiny_model_dir.rglob("*") if f.is_file())
     assert size < 10 * 1024 * 1024, f"tiny model is {size / 1e6:.1f} MB"
 

@@ -32,7 +32,6 @@ from diffusers import (
 
 from shared.jobs import SCHEDULERS
 from shared.metadata import SAMPLER_LABELS
-from tests.fixtures_model import tiny_model_dir  # noqa: F401
 from worker import schedulers
 from worker.models import LoadedModel, load_model
 from worker.sampler import PassParams, Row, render_pass
@@ -62,6 +61,8 @@ REFERENCE: dict[str, tuple[Any, dict[str, Any], str]] = {
     "dpmpp_sde": (DPMSolverSDEScheduler, {"noise_sampler_seed": ROW.seed}, "DPM++ SDE"),
 }
 SEEN: dict[str, int] = {}  # max pixel difference per test, printed at the end
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pipeline_for(model_dir: Path) -> StableDiffusionPipeline:
@@ -97,12 +98,12 @@ def difference(a: np.ndarray | None, b: np.ndarray | None) -> int:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir: Path) -> LoadedModel:  # noqa: F811
+def model(tiny_model_dir: Path) -> LoadedModel:
     return load_model("tiny", str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_model_dir: Path) -> StableDiffusionPipeline:  # noqa: F811
+def pipe(tiny_model_dir: Path) -> StableDiffusionPipeline:
     return pipeline_for(tiny_model_dir)
 
 
@@ -112,14 +113,25 @@ def v_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def v_model(v_model_dir: Path) -> LoadedModel:
+    return load_model("tiny-v", str(v_model_dir))
+
+
+@pytest.fixture(scope="module")
+def v_pipe(v_model_dir: Path) -> StableDiffusionPipeline:
+    return pipeline_for(v_model_dir)
+
+
+@pytest.fixture(scope="module")
 def report(request: pytest.FixtureRequest) -> Any:
     """Records each test's max pixel difference; the table is printed after the module."""
     yield SEEN.__setitem__
-    terminal = request.config.pluginmanager.get_plugin("terminalreporter")
-    if terminal is not None and SEEN:
-        terminal.write_line(f"\nmax pixel difference (tolerance {PIXEL_TOLERANCE}):")
-        for what, diff in sorted(SEEN.items()):
-            terminal.write_line(f"  {what}: {diff}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if capture is not None and SEEN:
+        with capture.global_and_fixture_disabled():
+            print(f"\nmax pixel difference vs the reference (tolerance {PIXEL_TOLERANCE}):")
+            for what, diff in sorted(SEEN.items()):
+                print(f"  {what}: {diff}")
 
 
 def test_every_sampler_name_the_api_accepts_has_a_scheduler_and_an_a1111_label() -> None:
@@ -143,16 +155,15 @@ def test_each_sampler_renders_the_pixels_diffusers_renders(
     assert ours is not None and ours.std() > 5
 
 
-@pytest.mark.parametrize("name", ["euler", "euler_a", "dpmpp_2m_karras", "ddim", "dpmpp_sde"])
-def test_a_v_prediction_model_renders_diffusers_pixels_with_each_kind_of_sampler(
-    v_model_dir: Path, name: str, report: Callable[..., None]
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_each_sampler_renders_diffusers_pixels_on_a_v_prediction_model(
+    v_model: LoadedModel, v_pipe: StableDiffusionPipeline, name: str, report: Callable[..., None]
 ) -> None:
     # Given an SD 2.x-style model that predicts v, When both render with this sampler
-    model = load_model("tiny-v", str(v_model_dir))
-    ours = render_pass(model, [ROW], PassParams(STEPS, 64, 64, name)).images[0]
-    theirs = diffusers_image(pipeline_for(v_model_dir), name, ROW)
+    ours = render_pass(v_model, [ROW], PassParams(STEPS, 64, 64, name)).images[0]
+    theirs = diffusers_image(v_pipe, name, ROW)
     # Then the prediction type came from the model and the pixels agree
-    assert model.prediction_type == "v_prediction"
+    assert v_model.prediction_type == "v_prediction"
     diff = difference(ours, theirs)
     report(f"{name} (v_prediction)", diff)
     assert diff <= PIXEL_TOLERANCE

@@ -23,8 +23,7 @@ from producer.services import ManagedProcess
 from shared.errors import WorkerSetupError
 from shared.keys import Keys
 from shared.registry import live_workers
-from tests.fixtures_farm import ROOT, FarmEnv, farm_env, serve_api  # noqa: F401
-from tests.fixtures_model import tiny_model_dir  # noqa: F401
+from tests.fixtures_farm import ROOT, FarmEnv
 from worker.gpu_claims import GpuClaims
 from worker.gpus import gpu_uuids
 from worker.supervisor import child_worker_args, plan_children

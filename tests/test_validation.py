@@ -11,7 +11,6 @@ import redis
 
 from shared.config import Settings
 from shared.keys import Keys
-from tests.fixtures_farm import serve_api  # noqa: F401
 
 
 @pytest.fixture
@@ -109,7 +108,8 @@ def test_defaults_fill_each_prompt_and_seeds_are_fixed_at_submit(api: httpx.Clie
 def test_importing_the_api_and_the_client_does_not_import_torch() -> None:
     code = (
         "import sys, producer.api, producer.client, producer.cli, producer.dispatcher;"
-        "bad = sorted(m for m in ('torch', 'diffusers', 'transformers', 'worker') if m in sys.modules);"
+        "heavy = ('torch', 'diffusers', 'transformers', 'worker');"
+        "bad = sorted(m for m in heavy if m in sys.modules);"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run(

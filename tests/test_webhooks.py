@@ -12,8 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from producer.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, verify
-from tests.fixtures_api import WEBHOOK_SECRET, Api, api, start_api  # noqa: F401
-from tests.fixtures_farm import serve_api  # noqa: F401
+from tests.fixtures_api import WEBHOOK_SECRET, Api
 
 
 @dataclass

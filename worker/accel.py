@@ -133,9 +133,11 @@ def _set_tf32(enabled: bool) -> None:
 def warm_up(model: LoadedModel, levers: Levers) -> None:
     """Render every pass size once for each configured image size, so no job waits to compile.
 
-    The largest pass goes first and gets a graph of its own (the usual chunk when a farm is busy);
-    one row next makes dynamo compile a graph with a dynamic batch; the other sizes then reuse it,
-    and run once only so that shape-specialised kernels and cuDNN's timings are ready too.
+    The largest pass goes first and gets a graph of its own (the usual chunk when a farm is busy),
+    then one row, then the rest. From the second shape on, dynamo compiles graphs with a dynamic
+    batch, which guards in diffusers' code bound (U-Net batches 16-63 share one, smaller ones
+    another, in diffusers 0.42), so a few compiles cover every size; each size still runs once
+    so that shape-specialised kernels and cuDNN's timings are ready before the first job.
     """
     for width, height in levers.compile_sizes:
         params = PassParams(steps=2, width=width, height=height)

@@ -100,6 +100,12 @@ def _model_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
+    tiny.add_argument(
+        "--single-file",
+        type=Path,
+        metavar="FILE.safetensors",
+        help="also write it as one checkpoint in A1111's layout, its configs in FILE.config/",
+    )
     return p
 
 
@@ -228,4 +234,8 @@ def _model(args: argparse.Namespace) -> int:
     path = make_tiny(args.dir, seed=args.seed, prediction_type=args.prediction_type)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(f"wrote a tiny model to {path} ({size / 1e6:.1f} MB)")
+    if args.single_file is not None:
+        from worker.ldm_keys import write_single_file
+
+        print(f"wrote {write_single_file(path, args.single_file)} (single-file checkpoint)")
     return 0

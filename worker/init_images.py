@@ -82,4 +82,4 @@ def load_init_image(data: bytes, width: int, height: int, *, resize: bool = Fals
             )
         logger.info("resizing an init image from %dx%d to %dx%d", *rgb.size, width, height)
         rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.array(rgb, dtype=np.uint8)  # a writable copy: torch refuses read-only arrays

@@ -57,23 +57,22 @@ def _unet_prefixes(layers: int, blocks: int, attention_down: list[bool]) -> list
             if up_attention:
                 pairs.append((ldm + "1.", f"up_blocks.{i}.attentions.{j}."))
         if i < blocks - 1:
-            pairs.append(
-                (f"input_blocks.{(layers + 1) * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv.")
-            )
-            slot = 1 if not up_attention else 2
-            pairs.append(
-                (f"output_blocks.{(layers + 1) * i + layers}.{slot}.", f"up_blocks.{i}.upsamplers.0.")
-            )
+            down = f"input_blocks.{(layers + 1) * (i + 1)}.0.op."
+            pairs.append((down, f"down_blocks.{i}.downsamplers.0.conv."))
+            up = f"output_blocks.{(layers + 1) * i + layers}.{2 if up_attention else 1}."
+            pairs.append((up, f"up_blocks.{i}.upsamplers.0."))
     pairs.append(("middle_block.1.", "mid_block.attentions.0."))
     pairs += [(f"middle_block.{2 * j}.", f"mid_block.resnets.{j}.") for j in range(2)]
     return pairs
 
 
-def _rename(key: str, pairs: list[tuple[str, str]]) -> str:
+def _rename(key: str, pairs: list[tuple[str, str]], *, strict: bool = True) -> str:
     for ldm, diffusers_prefix in pairs:
         if key.startswith(diffusers_prefix):
             return ldm + key[len(diffusers_prefix) :]
-    raise ValueError(f"no LDM name for {key!r}")
+    if strict:
+        raise ValueError(f"no LDM name for {key!r}")
+    return key  # named alike in both layouts (the VAE's conv_in, conv_out)
 
 
 def _unet_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
@@ -83,7 +82,7 @@ def _unet_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in unet.state_dict().items():
         name = _rename(key, pairs)
-        if ".resnets." in key or name.startswith("middle_block.0") or name.startswith("middle_block.2"):
+        if ".resnets." in key:
             for ldm, diffusers_name in _RESNET:
                 name = name.replace(diffusers_name, ldm)
         out["model.diffusion_model." + name] = value
@@ -110,14 +109,16 @@ def _vae_state(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
         if part in {"quant_conv", "post_quant_conv"}:
             out["first_stage_model." + key] = value
             continue
-        name = part + "." + _rename(rest, pairs).replace("conv_shortcut", "nin_shortcut")
+        name = part + "." + _rename(rest, pairs, strict=False)
+        name = name.replace("conv_shortcut", "nin_shortcut")
+        tensor = value
         if ".attn_1." in name:
             name = name.replace("to_out.0.", "proj_out.")
             for ldm, diffusers_name in _VAE_ATTENTION:
                 name = name.replace(".attn_1." + diffusers_name, ".attn_1." + ldm)
             if value.ndim == 2:  # LDM's attention projections are 1x1 convolutions
-                value = value[:, :, None, None]
-        out["first_stage_model." + name] = value
+                tensor = value[:, :, None, None]
+        out["first_stage_model." + name] = tensor
     return out
 
 

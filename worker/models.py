@@ -24,6 +24,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
 from shared.errors import ModelLoadError
+from worker.checkpoints import CHECKPOINT_SUFFIXES, load_single_file
 
 if TYPE_CHECKING:
     from worker.accel import Levers
@@ -91,8 +92,9 @@ def _check_folder(name: str, root: Path) -> None:
         raise ModelLoadError(f"model {name!r}: {root} does not exist")
     if not root.is_dir():
         raise ModelLoadError(
-            f"model {name!r}: {root} is a file; sdfarm loads diffusers-format model folders "
-            f"(model_index.json with {', '.join(COMPONENTS)} sub-folders)"
+            f"model {name!r}: {root} is a file but not a single-file checkpoint "
+            f"({' or '.join(CHECKPOINT_SUFFIXES)}); sdfarm loads those and diffusers-format "
+            f"model folders (model_index.json with {', '.join(COMPONENTS)} sub-folders)"
         )
     missing = [c for c in COMPONENTS if not (root / c).is_dir()]
     if missing:
@@ -102,25 +104,10 @@ def _check_folder(name: str, root: Path) -> None:
         )
 
 
-def load_model(
-    name: str,
-    path: str,
-    device: str = "cpu",
-    dtype: torch.dtype | None = None,
-    levers: Levers | None = None,
-) -> LoadedModel:
-    """Load the model folder at `path` onto `device`, in eval mode with gradients off.
-
-    `dtype` defaults to float16 on CUDA (as SD is usually run) and float32 elsewhere, where
-    half precision is slow or unsupported. Raises ModelLoadError naming the part that failed.
-    """
-    root = Path(path)
-    _check_folder(name, root)
-    torch_device = torch.device(device)
-    if dtype is None:
-        dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
-
-    started = time.perf_counter()
+def _load_folder(
+    root: Path, dtype: torch.dtype
+) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DConditionModel, AutoencoderKL, dict[str, Any]]:
+    """A diffusers folder's tokenizer, text encoder, U-Net, VAE and scheduler config."""
     component = "scheduler"
     try:
         scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
@@ -139,10 +126,52 @@ def load_model(
             vae = AutoencoderKL.from_pretrained(
                 root / "vae", torch_dtype=dtype, local_files_only=True
             )
+    except Exception as e:  # wrapped, not swallowed: the worker must say which part failed
+        raise ModelLoadError(f"cannot load {component} from {root}: {e}") from e
+    return tokenizer, text_encoder, unet, vae, scheduler_config
+
+
+def load_model(
+    name: str,
+    path: str,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    levers: Levers | None = None,
+) -> LoadedModel:
+    """Load the model folder or single-file checkpoint at `path` onto `device`, for inference.
+
+    `dtype` defaults to float16 on CUDA (as SD is usually run) and float32 elsewhere, where
+    half precision is slow or unsupported. Raises ModelLoadError naming the part that failed.
+    """
+    root = Path(path)
+    single_file = root.is_file() and root.suffix in CHECKPOINT_SUFFIXES
+    if not single_file:
+        _check_folder(name, root)
+    torch_device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float16 if torch_device.type == "cuda" else torch.float32
+
+    started = time.perf_counter()
+    component = "single-file checkpoint" if single_file else "model folder"
+    try:
+        if single_file:
+            parts = load_single_file(root)
+            tokenizer, text_encoder, unet, vae = (
+                parts.tokenizer,
+                parts.text_encoder,
+                parts.unet,
+                parts.vae,
+            )
+            scheduler_config = parts.scheduler_config
+            for module in (text_encoder, unet, vae):
+                # nn.Module.to, not diffusers' override, which warns about every dtype cast.
+                torch.nn.Module.to(module, dtype)
+        else:
+            tokenizer, text_encoder, unet, vae, scheduler_config = _load_folder(root, dtype)
         component = "hash"
         short_hash = model_hash(root)
-    except ModelLoadError:
-        raise
+    except ModelLoadError as e:
+        raise ModelLoadError(f"model {name!r}: {e}") from e
     except Exception as e:  # wrapped, not swallowed: the worker must say which part failed
         raise ModelLoadError(f"model {name!r}: cannot load {component} from {root}: {e}") from e
 

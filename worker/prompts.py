@@ -68,7 +68,7 @@ def encode_rows(model: LoadedModel, prompts: Sequence[tuple[str, str, str]]) -> 
             if mode != "chunk" and len(ids) > CHUNK_TOKENS
         ]
         for warning in row_warnings:
-            logger.warning("row %d: %s", row, warning)
+            logger.info("row %d: %s", row, warning)  # the job record and the CLI show it
         cond, uncond = _chunks(cond_ids, mode), _chunks(uncond_ids, mode)
         count = max(len(cond), len(uncond))
         cond += [[]] * (count - len(cond))

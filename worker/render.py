@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from shared.errors import RenderFailed
 from worker.models import load_model
 from worker.sampler import PassParams, PassResult, Row, render_pass
 
@@ -32,7 +33,10 @@ def render_to_file(
     """Load the model at `model_path`, render `row` and save it as a PNG at `out`."""
     model = load_model(Path(model_path).name or model_path, model_path, device=device)
     result = render_pass(model, [row], params)
+    pixels = result.images[0]
+    if pixels is None:  # the precision guard refused a NaN or black image
+        raise RenderFailed(f"no image for seed {row.seed}: {result.errors[0]}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(result.images[0]).save(out, format="PNG", pnginfo=pnginfo)
+    Image.fromarray(pixels).save(out, format="PNG", pnginfo=pnginfo)
     logger.info("rendered seed %d to %s", row.seed, out)
     return result

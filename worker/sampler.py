@@ -167,7 +167,8 @@ def _denoise(
         noise_pred = noise_uncond + guidance * (noise_cond - noise_uncond)
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
         on_step()
-    return latents
+    result: torch.Tensor = latents
+    return result
 
 
 def render_pass(

@@ -36,8 +36,11 @@ def encode_images(
     vae = model.vae
     latents = []
     for image, generator in zip(images, generators, strict=True):
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).float() / 255.0
-        pixels = (2.0 * pixels - 1.0).permute(2, 0, 1).unsqueeze(0)
+        # (1, H, W, 3) permuted to NCHW is channels-last in memory, as diffusers' image processor
+        # hands it to the VAE; a contiguous copy would pick other convolution kernels and differ
+        # by float rounding, which the sampling loop can amplify to visible levels.
+        pixels = torch.tensor(image[None], dtype=torch.float32) / 255.0
+        pixels = (2.0 * pixels - 1.0).permute(0, 3, 1, 2)
         dist = vae.encode(pixels.to(device=model.device, dtype=vae.dtype)).latent_dist
         noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32)
         sample = dist.mean.float() + dist.std.float() * noise.to(model.device)
@@ -57,7 +60,9 @@ class Decoded:
 def _decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
     """[0, 1] float32 pixels, N x H x W x 3, unclamped NaNs kept so they can be seen."""
     vae = model.vae
-    image = vae.decode((latents / model.scaling_factor).to(vae.dtype), return_dict=False)[0]
+    image: torch.Tensor = vae.decode(
+        (latents / model.scaling_factor).to(vae.dtype), return_dict=False
+    )[0]
     return (image.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 

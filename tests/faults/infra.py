@@ -167,14 +167,18 @@ def same_chunk_twice(ff: FaultFarm) -> Row:
     ff.wait_done(batch_id)
     # Wait for the copies that lost the race to be consumed too, so the count is complete.
     ff.wait_until(lambda: _skipped_deliveries(ff, ids[0]) >= 2, "the extra copies to be skipped")
-    workers = {r["worker"] for r in ff.jobs(ids)}
+    # Which workers took a copy: the ones that rendered its jobs, and the ones that skipped it.
+    pids = {i: f"-{ff.worker_pid(i)}-" for i in range(len(ff.farm.workers))}
+    rendered = {i for r in ff.jobs(ids) for i, mark in pids.items() if mark in r["worker"]}
+    skipped = {i for i in pids if f"chunk {ids[0]}: skipped" in ff.worker_log(i)}
     row = ff.tally(
         "two workers handed the same chunk",
         batch_id,
         None,
-        notes=f"3 copies sent; {_skipped_deliveries(ff, ids[0])} skipped, "
-        f"rendered by {len(workers)} worker(s)",
+        notes=f"3 copies sent; {_skipped_deliveries(ff, ids[0])} skipped; "
+        f"workers that rendered: {sorted(rendered)}, that skipped: {sorted(skipped)}",
     )
+    row.details |= {"took_a_copy": rendered | skipped}
     return row
 
 
