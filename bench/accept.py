@@ -22,7 +22,8 @@ from pathlib import Path
 
 import httpx
 
-from producer.services import ManagedProcess, free_port, start_redis
+from producer.processes import ManagedProcess, free_port
+from producer.services import start_redis
 
 KEY = "bench-key"
 

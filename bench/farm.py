@@ -20,7 +20,7 @@ import redis
 from bench.direct import Job
 from producer.client import FarmClient
 from producer.local import LocalFarm
-from producer.services import ManagedProcess
+from producer.processes import ManagedProcess
 from shared.keys import Keys
 from shared.ledger import Ledger
 

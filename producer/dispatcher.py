@@ -170,7 +170,7 @@ class Dispatcher:
 
         One job's trouble (its record expired, say) never stops the others' recovery.
         """
-        counts = {"requeued": 0, "failed": 0, "resent": 0, "dropped": 0}
+        counts = {"requeued": 0, "failed": 0, "cancelled": 0, "resent": 0, "dropped": 0}
         for job_id in self.ledger.expired_leases(now):
             counts[self._recover_expired(job_id)] += 1
         older = now - self.settings.dispatch_timeout_s
@@ -204,7 +204,16 @@ class Dispatcher:
             return "dropped"
         worker = record.get("worker", "?")
         reason = f"worker {worker} stopped renewing its lease (lost or killed)"
-        if record["attempts"] >= self.settings.max_attempts:
+        if record.get("cancel_requested") == "1":
+            # Cancelled while it ran, then its worker died: honour the cancel, never re-render.
+            result = self.ledger.transition(
+                job_id,
+                [JobState.RUNNING],
+                JobState.CANCELLED,
+                {"error": "cancelled (its worker was lost)", "finished_at": time.time()},
+            )
+            outcome = "cancelled"
+        elif record["attempts"] >= self.settings.max_attempts:
             last = record.get("last_error")
             result = self.ledger.transition(
                 job_id,

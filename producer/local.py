@@ -32,15 +32,9 @@ from typing import Self
 import httpx
 import redis
 
-from producer.services import (
-    ManagedProcess,
-    RedisService,
-    S3Service,
-    ServiceStartError,
-    free_port,
-    redis_service,
-    seaweedfs_service,
-)
+from producer.processes import ManagedProcess, free_port
+from producer.services import RedisService, S3Service, redis_service, seaweedfs_service
+from shared.errors import ServiceStartError
 from shared.keys import Keys
 from shared.registry import live_workers
 

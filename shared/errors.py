@@ -7,6 +7,7 @@
     ├── IllegalTransition     (permanent)  a state change the ledger refuses
     ├── ModelLoadError        (permanent)  a model that cannot be loaded at worker start
     ├── WorkerSetupError      (permanent)  worker options this machine cannot honour (--gpus)
+    ├── ServiceStartError     (permanent)  a local service (Redis, SeaweedFS...) did not come up
     ├── RenderCancelled       (permanent)  the job was cancelled while it rendered
     ├── RenderFailed          (permanent)  the sampling loop failed for this job
     ├── StorageError          (retryable)  the object store failed or timed out
@@ -30,6 +31,7 @@ __all__ = [
     "RenderCancelled",
     "RenderFailed",
     "SdfarmError",
+    "ServiceStartError",
     "StorageError",
     "UnknownId",
     "WorkerSetupError",
@@ -95,3 +97,7 @@ class FarmUnreachable(SdfarmError):
     """The API or Redis cannot be reached."""
 
     retryable = True
+
+
+class ServiceStartError(SdfarmError):
+    """A local service (Redis, SeaweedFS, the API, a worker) is missing or did not come up."""

@@ -195,9 +195,14 @@ class Ledger:
         allowed_from: Iterable[JobState],
         to: JobState,
         fields: dict[str, Any] | None = None,
+        *,
+        owner: str | None = None,
     ) -> Transition:
-        """Move a job to `to` if it is in one of `allowed_from`; raise UnknownId if it is gone."""
-        args = self._transition_args(job_id, allowed_from, to, fields)
+        """Move a job to `to` if it is in one of `allowed_from`; raise UnknownId if it is gone.
+
+        With `owner`, the change also needs the job to be held by that worker.
+        """
+        args = self._transition_args(job_id, allowed_from, to, fields, owner=owner)
         code, previous, done = self._transition(args=args)
         if code == -1:
             raise UnknownId(f"no job {job_id!r}")
@@ -211,6 +216,8 @@ class Ledger:
         allowed_from: Iterable[JobState],
         to: JobState,
         fields: dict[str, Any] | None = None,
+        *,
+        owner: str | None = None,
     ) -> list[Any]:
         now = time.time()
         args: list[Any] = [
@@ -221,6 +228,7 @@ class Ledger:
             repr(now),
             self.status_ttl_s,
             repr(now + self.lease_s),
+            owner or "",
         ]
         froms = [state.value for state in allowed_from]
         args += [len(froms), *froms]

@@ -30,7 +30,9 @@ end
 """
 
 # A compare-and-set on a job's state that moves the batch counters in the same step.
-# ARGV: prefix, job_id, batch_id, to_state, now, ttl_s, lease_until, n_from, from..., k, v, ...
+# ARGV: prefix, job_id, batch_id, to_state, now, ttl_s, lease_until, owner, n_from, from...,
+# k, v, ... An `owner` other than '' refuses the change unless the job's `worker` is that owner:
+# a worker whose lease lapsed cannot finish or hand back a job another worker has since taken.
 # Returns {code, previous_state, batch_done}: code 1 done, 0 refused, -1 no such job.
 TRANSITION = (
     PUSH_PENDING
@@ -41,13 +43,15 @@ local jk = p .. ':job:' .. job_id
 local bk = p .. ':batch:' .. batch_id
 local state = redis.call('HGET', jk, 'state')
 if not state then return {-1, '', 0} end
-local nfrom = tonumber(ARGV[8])
+local owner = ARGV[8]
+local nfrom = tonumber(ARGV[9])
 local allowed = false
 for i = 1, nfrom do
-  if ARGV[8 + i] == state then allowed = true end
+  if ARGV[9 + i] == state then allowed = true end
 end
 if not allowed then return {0, state, 0} end
-for i = 9 + nfrom, #ARGV, 2 do
+if owner ~= '' and redis.call('HGET', jk, 'worker') ~= owner then return {0, state, 0} end
+for i = 10 + nfrom, #ARGV, 2 do
   redis.call('HSET', jk, ARGV[i], ARGV[i + 1])
 end
 redis.call('HSET', jk, 'state', to, 'updated_at', now)

@@ -17,12 +17,12 @@ import redis
 from producer.services import (
     RedisService,
     S3Service,
-    ServiceStartError,
     redis_server_binary,
     start_redis,
     start_seaweedfs,
     weed_binary,
 )
+from shared.errors import ServiceStartError
 
 # Fixtures kept in their own modules, registered here so every test module can use them.
 pytest_plugins = ["tests.fixtures_model", "tests.fixtures_farm", "tests.fixtures_api"]

@@ -18,7 +18,8 @@ import redis
 import uvicorn
 
 from producer.api import create_app
-from producer.services import ManagedProcess, S3Service, free_port
+from producer.processes import ManagedProcess, free_port
+from producer.services import S3Service
 from shared.config import Settings
 from shared.keys import Keys
 from shared.registry import live_workers

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from producer.services import free_port
+from producer.processes import free_port
 from shared.jobs import JobState
 from shared.storage import image_key, open_storage
 from tests.fixtures_api import API_KEY, Api

@@ -155,3 +155,42 @@ def test_a_chunk_sent_but_never_started_is_sent_again(redis_url: str) -> None:
     assert dispatcher.reconcile(time.time())["resent"] == 2
     chunk = ledger.take_chunk("tiny", 8)
     assert chunk is not None and sorted(chunk.job_ids) == sorted(ids)
+
+
+def test_a_worker_whose_lease_lapsed_cannot_finish_a_job_another_worker_took(
+    redis_url: str,
+) -> None:
+    # Given a job that worker w1 held, lost, and worker w2 then took
+    ledger = _ledger(redis_url)
+    batch_id = new_batch_id()
+    job_id = ledger.create_batch(batch_id, _specs(1))[0]
+    ledger.force(job_id, [JobState.QUEUED], JobState.RUNNING, {"worker": "w1"})
+    ledger.force(job_id, [JobState.RUNNING], JobState.QUEUED)
+    ledger.force(job_id, [JobState.QUEUED], JobState.RUNNING, {"worker": "w2"})
+    # When w1 comes back and tries to hand it back or finish it
+    late = ledger.transition(job_id, [JobState.RUNNING], JobState.QUEUED, owner="w1")
+    late_finish = ledger.transition(job_id, [JobState.RUNNING], JobState.SUCCEEDED, owner="w1")
+    # Then both are refused and w2 still holds it, and can finish it
+    assert not late.applied and not late_finish.applied
+    assert ledger.job(job_id)["worker"] == "w2"
+    assert ledger.transition(job_id, [JobState.RUNNING], JobState.SUCCEEDED, owner="w2").applied
+    assert _assert_counters_add_up(ledger, batch_id)["succeeded"] == 1
+
+
+def test_a_job_cancelled_while_its_worker_died_ends_cancelled_not_requeued(
+    redis_url: str,
+) -> None:
+    # Given a running job whose cancel was requested, and whose worker then died
+    settings = Settings(redis_url=redis_url, lease_s=0.2, models={"tiny": "/x"})
+    ledger = _ledger(redis_url, lease=0.2)
+    dispatcher = Dispatcher(settings, ledger, make_celery(settings))
+    batch_id = new_batch_id()
+    job_id = ledger.create_batch(batch_id, _specs(1))[0]
+    ledger.force(job_id, [JobState.QUEUED], JobState.RUNNING, {"worker": "w1"})
+    assert ledger.request_cancel(job_id) == "running"
+    time.sleep(0.3)
+    # When the reconciler finds its lease expired
+    dispatcher.reconcile(time.time())
+    # Then the job is cancelled, not sent to render again
+    assert ledger.job(job_id)["state"] == "cancelled"
+    assert _assert_counters_add_up(ledger, batch_id)["cancelled"] == 1

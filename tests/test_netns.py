@@ -29,7 +29,8 @@ import pytest
 import redis
 
 from producer.client import FarmClient
-from producer.services import ManagedProcess, start_redis, start_seaweedfs
+from producer.processes import ManagedProcess
+from producer.services import start_redis, start_seaweedfs
 from shared.config import Settings
 from shared.keys import Keys
 from shared.ledger import Ledger

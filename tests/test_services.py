@@ -10,14 +10,9 @@ import pytest
 import redis
 
 from producer.local import LocalFarm
-from producer.services import (
-    ManagedProcess,
-    RedisService,
-    S3Service,
-    ServiceStartError,
-    start_redis,
-    start_seaweedfs,
-)
+from producer.processes import ManagedProcess
+from producer.services import RedisService, S3Service, start_redis, start_seaweedfs
+from shared.errors import ServiceStartError
 
 
 def test_redis_restart_keeps_what_was_written_before_it(

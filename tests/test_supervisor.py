@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from producer.client import FarmClient
-from producer.services import ManagedProcess
+from producer.processes import ManagedProcess
 from shared.errors import WorkerSetupError
 from shared.keys import Keys
 from shared.registry import live_workers

@@ -340,7 +340,7 @@ def _finish(
     ctx: WorkerContext, job_id: str, state: JobState, fields: dict[str, Any], outcome: ChunkOutcome
 ) -> None:
     fields.setdefault("finished_at", time.time())
-    result = ctx.ledger.transition(job_id, [JobState.RUNNING], state, fields)
+    result = ctx.ledger.transition(job_id, [JobState.RUNNING], state, fields, owner=ctx.worker_id)
     if not result.applied:
         log.info("job %s: already %s, not marking %s", job_id, result.previous, state.value)
         outcome.skipped.append(job_id)
@@ -362,7 +362,7 @@ def _give_back_or_fail(ctx: WorkerContext, job_id: str, reason: str, outcome: Ch
         )
         return
     result = ctx.ledger.transition(
-        job_id, [JobState.RUNNING], JobState.QUEUED, {"last_error": reason}
+        job_id, [JobState.RUNNING], JobState.QUEUED, {"last_error": reason}, owner=ctx.worker_id
     )
     if result.applied:
         outcome.requeued.append(job_id)
@@ -370,5 +370,5 @@ def _give_back_or_fail(ctx: WorkerContext, job_id: str, reason: str, outcome: Ch
 
 
 def _hand_back(ctx: WorkerContext, job_id: str, reason: str, outcome: ChunkOutcome) -> None:
-    if hand_back(ctx.ledger, job_id, reason):
+    if hand_back(ctx.ledger, job_id, reason, owner=ctx.worker_id):
         outcome.requeued.append(job_id)

@@ -70,11 +70,11 @@ def put_with_retry(
             return
 
 
-def hand_back(ledger: Ledger, job_id: str, reason: str) -> bool:
+def hand_back(ledger: Ledger, job_id: str, reason: str, *, owner: str | None = None) -> bool:
     """`running` → `queued` without charging an attempt (the farm failed, not the job)."""
     record = ledger.job(job_id)
     fields = {"last_error": reason, "attempts": max(0, record["attempts"] - 1)}
-    result = ledger.transition(job_id, [JobState.RUNNING], JobState.QUEUED, fields)
+    result = ledger.transition(job_id, [JobState.RUNNING], JobState.QUEUED, fields, owner=owner)
     if result.applied:
         log.warning("job %s: handed back, no attempt charged: %s", job_id, reason)
     return result.applied
