@@ -137,11 +137,17 @@ def storage_outage(ff: FaultFarm) -> Row:
 
 def outlive_visibility(ff: FaultFarm) -> Row:
     """6. A chunk outlives the visibility timeout: Celery delivers it again; that copy skips."""
-    # One chunk of 4 rows that renders for longer than the farm's 6 s visibility timeout.
-    batch_id, ids = ff.submit(4, {"width": 128, "height": 128, "steps": 150}, tag="visibility")
+    # One chunk of 4 rows that renders for well over the farm's 6 s visibility timeout (about
+    # 2.5x on a quiet 2-core machine), so a restore sweep (every 2 s) finds it still unacked.
+    batch_id, ids = ff.submit(4, {"width": 192, "height": 192, "steps": 150}, tag="visibility")
     ff.wait_done(batch_id)
     records = ff.jobs(ids)
     longest = max(float(r["finished_at"]) - float(r["started_at"]) for r in records)
+    # Celery restores the unacked message on its next sweep, which may come after the chunk
+    # ended; the copy is then consumed by whichever worker is free. Give it time to show up.
+    ff.wait_until(
+        lambda: _skipped_deliveries(ff, ids[0]) >= 1, "the redelivered copy", timeout_s=60
+    )
     copies = _skipped_deliveries(ff, ids[0])
     row = ff.tally(
         "a chunk outlives the visibility timeout",
