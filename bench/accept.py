@@ -4,7 +4,10 @@
 
 Starts a private Redis and the API (`sdfarm api`, its own process, file:// storage, no workers),
 posts JOBS jobs as one streamed NDJSON body, then has POLLERS threads poll
-`GET /v1/batches/{id}` on that batch and reports the p50 and p99 latency. Prints one JSON line.
+`GET /v1/batches/{id}` on that batch, twice: back to back (each poller sends its next request
+the moment the last one answers: the API's saturation point, where latency is mostly queueing
+behind the other pollers) and paced (each poller every INTERVAL ms, as `sdfarm wait` and the
+dashboard poll). Reports p50 and p99 of both. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -41,12 +45,30 @@ def ndjson_lines(count: int) -> Iterator[bytes]:
         yield ("\n".join(piece) + "\n").encode()
 
 
-def poll(url: str, batch_id: str, count: int, out: list[float]) -> None:
+def poll(url: str, batch_id: str, count: int, out: list[float], interval_s: float = 0.0) -> None:
     with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as http:
+        # Paced pollers start spread over one interval, as independent clients would.
+        time.sleep(random.uniform(0, interval_s))
         for _ in range(count):
             started = time.perf_counter()
             http.get(f"{url}/v1/batches/{batch_id}").raise_for_status()
-            out.append(time.perf_counter() - started)
+            took = time.perf_counter() - started
+            out.append(took)
+            if interval_s:
+                time.sleep(max(0.0, interval_s - took))
+
+
+def poll_all(url: str, batch_id: str, pollers: int, polls: int, interval_s: float) -> list[float]:
+    latencies: list[float] = []
+    threads = [
+        threading.Thread(target=poll, args=(url, batch_id, polls, latencies, interval_s))
+        for _ in range(pollers)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies
 
 
 def main() -> int:
@@ -54,6 +76,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--pollers", type=int, default=20)
     parser.add_argument("--polls", type=int, default=100, help="requests per poller")
+    parser.add_argument("--interval-ms", type=float, default=100.0, help="paced pollers' period")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sdfarm-bench-") as tmp:
         root = Path(tmp)
@@ -88,19 +111,13 @@ def main() -> int:
             accept_s = time.perf_counter() - started
             response.raise_for_status()
             batch_id = response.json()["batch_id"]
-            latencies: list[float] = []
-            threads = [
-                threading.Thread(target=poll, args=(url, batch_id, args.polls, latencies))
-                for _ in range(args.pollers)
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            latencies = poll_all(url, batch_id, args.pollers, args.polls, 0.0)
+            paced = poll_all(url, batch_id, args.pollers, args.polls, args.interval_ms / 1000)
         finally:
             api.stop(10)
             redis_service.stop()
     cuts = statistics.quantiles(latencies, n=100)
+    paced_cuts = statistics.quantiles(paced, n=100)
     print(
         json.dumps(
             {
@@ -110,6 +127,9 @@ def main() -> int:
                 "polls": len(latencies),
                 "get_batch_p50_ms": round(cuts[49] * 1000, 1),
                 "get_batch_p99_ms": round(cuts[98] * 1000, 1),
+                "paced_interval_ms": args.interval_ms,
+                "get_batch_paced_p50_ms": round(paced_cuts[49] * 1000, 1),
+                "get_batch_paced_p99_ms": round(paced_cuts[98] * 1000, 1),
             }
         )
     )
