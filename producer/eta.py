@@ -20,6 +20,7 @@ from typing import Any
 
 from shared.config import Settings
 from shared.jobs import DEFAULT_PRIORITY
+from shared.keys import text as _s
 from shared.ledger import THROUGHPUT_BUCKET_S, Ledger
 
 __all__ = ["ActiveBatch", "Estimate", "QueueView"]
@@ -134,7 +135,3 @@ class QueueView:
         position = ahead if counts["queued"] else 0
         eta = (ahead + remaining) / rate if rate > 0 else None
         return Estimate(queue_position=position, eta_s=eta, throughput=rate)
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -30,6 +30,7 @@ from producer.submit import Submitted as Accepted
 from producer.submit import submit_batch
 from shared.errors import InvalidJob
 from shared.jobs import DEFAULT_PRIORITY, BatchCreate, job_id_for
+from shared.keys import text as _s
 
 __all__ = ["JSON", "NDJSON", "Options", "accept"]
 
@@ -285,7 +286,3 @@ class _Idempotency:
 
     def abandon(self) -> None:
         self.redis.delete(self.name)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

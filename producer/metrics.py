@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -35,6 +35,7 @@ from prometheus_client.core import (
 
 from producer.capacity import model_capacity
 from shared.celery_app import model_queue
+from shared.keys import text as _s
 from shared.ledger import RENDER_BUCKETS_S, STATES
 from shared.registry import live_workers
 
@@ -186,7 +187,3 @@ class FarmCollector:
 
     def _hash(self, name: str) -> dict[str, str]:
         return {_s(k): _s(v) for k, v in self.redis.hgetall(self.keys.stats(name)).items()}
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

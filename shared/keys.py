@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Keys"]
+__all__ = ["Keys", "text"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,8 @@ class Keys:
 
     def webhooks(self) -> str:
         return f"{self.prefix}:webhooks"  # zset delivery JSON -> when it is due
+
+
+def text(value: Any) -> str:
+    """A value read from Redis as text (the farm's clients return bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

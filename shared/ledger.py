@@ -19,17 +19,11 @@ from typing import Any
 import redis
 
 from shared.errors import IllegalTransition, UnknownId
-from shared.jobs import TERMINAL_STATES, JobSpec, JobState, batch_of, compat_key, job_id_for
+from shared.jobs import JobSpec, JobState, batch_of, compat_key, job_id_for
 from shared.keys import Keys
+from shared.keys import text as _s
 from shared.lua import RECORD_OUTCOME, RENEW_LEASES, RETRY_JOBS, TAKE_CHUNK, TRANSITION
-from shared.pending import (
-    Chunk,
-    Take,
-    parse_priority,
-    pending_count,
-    queue_pending,
-    take_chunk,
-)
+from shared.pending import Chunk, Take, parse_priority, pending_count, queue_pending, take_chunk
 
 __all__ = [
     "RENDER_BUCKETS_S",
@@ -387,9 +381,6 @@ class Ledger:
             for v in self.redis.zrangebyscore(self.keys.inflight(), "-inf", older_than, 0, limit)
         ]
 
-    def is_terminal(self, state: str) -> bool:
-        return state in {s.value for s in TERMINAL_STATES}
-
 
 def failure_reason(error: str) -> str:
     """A short, bounded label for why a job failed (a Prometheus label must not be free text)."""
@@ -401,7 +392,3 @@ def failure_reason(error: str) -> str:
     if text.startswith("render failed"):
         return "render_failed"
     return "other"
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value

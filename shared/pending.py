@@ -34,6 +34,7 @@ from redis.commands.core import Script
 from shared.errors import InvalidJob
 from shared.jobs import DEFAULT_PRIORITY, MAX_PRIORITY
 from shared.keys import Keys
+from shared.keys import text as _s
 
 __all__ = [
     "PRIORITY_CLASS",
@@ -143,7 +144,3 @@ def pending_count(client: redis.Redis, keys: Keys, model: str) -> int:
     for lane in lanes:
         pipe.llen(lane)
     return sum(int(n) for n in pipe.execute())
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

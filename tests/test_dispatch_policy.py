@@ -142,7 +142,8 @@ def test_single_job_submissions_within_the_wait_share_one_chunk(redis_url: str) 
         batches.append(_submit(ledger, 1))
         assert dispatcher.top_up() == 0  # held: the chunk is not full and nobody waited long
     assert dispatcher.hold_until is not None
-    assert first_arrival <= dispatcher.hold_until - 0.4 <= time.time()
+    # (arrival times are kept to the millisecond in Redis, hence the 1 ms allowance)
+    assert first_arrival - 0.001 <= dispatcher.hold_until - 0.4 <= time.time()
     # Then once the wait is over, the five render in one pass
     time.sleep(max(0.0, dispatcher.hold_until - time.time()) + 0.01)
     assert dispatcher.top_up() == 1
