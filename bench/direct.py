@@ -3,11 +3,14 @@
 The same jobs as the farm's (prompt, negative prompt, seed, size, steps, guidance, LMS), rendered
 by `StableDiffusionPipeline` loaded from the same model folder: one job per call, as a script
 looping over prompts would, and `max_batch` jobs per call, as someone batching by hand would
-(one CPU generator per image, so each image is still its own seed's).
+(one CPU generator per image, so each image is still its own seed's). Like the farm's, each job
+ends as a PNG file: the script writes every image to a folder, and the time that took is
+recorded apart (`save_s`), so the render alone can be read off too.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from worker.models import quiet_hf_progress_bars
 
-__all__ = ["Job", "render_direct"]
+__all__ = ["DirectPipeline", "Job"]
 
 
 @dataclass(frozen=True)
@@ -47,45 +50,51 @@ class Job:
         }
 
 
-def _render(pipe: Any, jobs: Sequence[Job]) -> None:
-    first = jobs[0]
-    pipe(
-        prompt=[j.prompt for j in jobs],
-        negative_prompt=[j.negative_prompt for j in jobs],
-        height=first.height,
-        width=first.width,
-        num_inference_steps=first.steps,
-        guidance_scale=first.guidance,
-        generator=[torch.Generator().manual_seed(j.seed) for j in jobs],
-    )
+class DirectPipeline:
+    """diffusers' pipeline loaded once from the model folder; each method times one pass."""
 
+    def __init__(self, model_dir: Path, warm_up: Sequence[Job]) -> None:
+        self.save_s = 0.0  # writing PNG files, within the times the methods return
+        diffusers_logging.disable_progress_bar()  # the component-loading bar
+        with quiet_hf_progress_bars():
+            self.pipe = StableDiffusionPipeline.from_pretrained(
+                model_dir, safety_checker=None, requires_safety_checker=False, local_files_only=True
+            )
+        self.pipe.set_progress_bar_config(disable=True)  # a fair baseline draws no progress bars
+        # First-call costs (allocations, lazy inits) are not the jobs': one call of each shape.
+        self._render(warm_up[:1])
+        self._render(warm_up)
 
-def render_direct(
-    model_dir: Path, jobs: Sequence[Job], max_batch: int, repeats: int = 1
-) -> dict[str, float]:
-    """Images/s of diffusers' pipeline on `jobs`, one by one and `max_batch` a call (best run)."""
-    diffusers_logging.disable_progress_bar()  # the component-loading bar
-    with quiet_hf_progress_bars():
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model_dir, safety_checker=None, requires_safety_checker=False, local_files_only=True
-        )
-    pipe.set_progress_bar_config(disable=True)  # a fair baseline draws no progress bars
-    one_by_one_s = batched_s = float("inf")
-    with torch.inference_mode():
-        _render(pipe, jobs[:1])  # first-call costs (allocations, lazy inits) are not the jobs'
-        _render(pipe, jobs[:max_batch])
-        for _ in range(repeats):
+    def one_by_one(self, jobs: Sequence[Job]) -> float:
+        """Seconds to render `jobs` one call each."""
+        return self._timed([[job] for job in jobs])
+
+    def batched(self, jobs: Sequence[Job], max_batch: int) -> float:
+        """Seconds to render `jobs` `max_batch` a call."""
+        return self._timed([jobs[i : i + max_batch] for i in range(0, len(jobs), max_batch)])
+
+    def _timed(self, calls: Sequence[Sequence[Job]]) -> float:
+        self.save_s = 0.0
+        with tempfile.TemporaryDirectory(prefix="sdfarm-direct-") as folder:
             started = time.perf_counter()
-            for job in jobs:
-                _render(pipe, [job])
-            one_by_one_s = min(one_by_one_s, time.perf_counter() - started)
+            for jobs in calls:
+                self._render(jobs, Path(folder))
+            return time.perf_counter() - started
+
+    def _render(self, jobs: Sequence[Job], folder: Path | None = None) -> None:
+        first = jobs[0]
+        with torch.inference_mode():
+            images = self.pipe(
+                prompt=[j.prompt for j in jobs],
+                negative_prompt=[j.negative_prompt for j in jobs],
+                height=first.height,
+                width=first.width,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance,
+                generator=[torch.Generator().manual_seed(j.seed) for j in jobs],
+            ).images
+        if folder is not None:
             started = time.perf_counter()
-            for i in range(0, len(jobs), max_batch):
-                _render(pipe, jobs[i : i + max_batch])
-            batched_s = min(batched_s, time.perf_counter() - started)
-    return {
-        "one_by_one_s": one_by_one_s,
-        "one_by_one_images_per_s": len(jobs) / one_by_one_s,
-        "batched_s": batched_s,
-        "batched_images_per_s": len(jobs) / batched_s,
-    }
+            for job, image in zip(jobs, images, strict=True):
+                image.save(folder / f"{job.seed}.png")
+            self.save_s += time.perf_counter() - started

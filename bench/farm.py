@@ -1,9 +1,11 @@
 """The whole farm on this machine, timed: API, Redis, one worker process, SeaweedFS.
 
-A local farm (producer/local.py) is started with no worker; one worker process is then started
-by hand, so that the bench knows its pid (for its peak RSS) and can stop it before measuring
-what queued jobs cost Redis. The worker is warmed up on one chunk first (model load, first-call
-costs), as a farm that has been running would be.
+`BenchFarm` starts a local farm (producer/local.py) with no worker, then one worker process by
+hand, so that the bench knows its pid (for its peak RSS) and can stop it before measuring what
+queued jobs cost Redis. It stays up for the whole bench, so that runs of the farm and of
+diffusers can take turns (`bench/run.py`) and a machine whose speed drifts skews neither side.
+The worker is warmed up on one chunk first (model load, first-call costs), as a farm that has
+been running would be.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import redis
 
@@ -24,7 +27,7 @@ from producer.processes import ManagedProcess
 from shared.keys import Keys
 from shared.ledger import Ledger
 
-__all__ = ["measure_farm"]
+__all__ = ["BenchFarm"]
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +35,143 @@ log = logging.getLogger(__name__)
 # `finished_at`, so polling only has to notice the end; slow, it steals no CPU from the worker.
 POLL_S = 0.5
 RENDER_TIMEOUT_S = 1800.0
+CLOCK_TICKS = 100  # /proc's utime and stime are in USER_HZ, 100 on Linux
 
 
-def _wait_done(client: FarmClient, batch_id: str, total: int) -> None:
-    """Poll until every job of the batch ended; raise unless all succeeded."""
-    deadline = time.monotonic() + RENDER_TIMEOUT_S
-    while time.monotonic() < deadline:
-        counts = client.batch(batch_id)["counts"]
-        ended = counts["succeeded"] + counts["failed"] + counts["cancelled"]
-        if ended == total:
-            if counts["succeeded"] != total:
-                raise RuntimeError(f"batch {batch_id}: not every job succeeded: {counts}")
-            return
-        time.sleep(POLL_S)
-    raise TimeoutError(f"batch {batch_id} not done after {RENDER_TIMEOUT_S:.0f} s")
+class BenchFarm:
+    """A local farm and one worker process, started once; `run(jobs)` times one batch."""
 
+    def __init__(
+        self, state_dir: Path, model_dir: Path, max_batch: int, storage: str = "s3"
+    ) -> None:
+        env = {"SDFARM_MAX_BATCH": str(max_batch)}
+        self.model_dir = model_dir
+        self.farm = LocalFarm(
+            state_dir=state_dir,
+            workers=0,
+            models={"tiny": str(model_dir)},
+            storage=storage,
+            extra_env=env,
+        )
 
-def _submit(client: FarmClient, jobs: Sequence[Job]) -> dict[str, Any]:
-    return client.submit([job.farm_spec() for job in jobs])
+    def __enter__(self) -> Self:
+        self.farm.start()
+        try:
+            argv = [sys.executable, "-m", "producer", "worker", "--device", "cpu"]
+            argv += ["--model", f"tiny={self.model_dir}"]
+            self.worker = ManagedProcess(
+                "bench-worker", argv, log_dir=self.farm.log_dir, env=self.farm.env
+            )
+            self.worker.start()
+            self.redis = redis.Redis.from_url(self.farm.redis.url)
+            self.ledger = Ledger(self.redis, status_ttl_s=3600, lease_s=60)
+            self.client = FarmClient(self.farm.api_url, self.farm.api_key)
+        except BaseException:
+            self.farm.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.client.close()
+            if self.worker.is_running():
+                self.worker.stop(30)
+            self.redis.close()
+        finally:
+            self.farm.stop()
+
+    def warm_up(self, jobs: Sequence[Job]) -> None:
+        """Render `jobs` untimed: the worker loads its model and pays its first-call costs."""
+        submitted = self._submit(jobs)
+        self._wait_done(submitted["batch_id"], len(jobs))
+
+    def run(self, jobs: Sequence[Job]) -> dict[str, Any]:
+        """One timed batch: seconds from the POST to the last object stored, the overhead, and
+        the CPU seconds each process used meanwhile (until the bench saw the batch end)."""
+        cpu_before = self.cpu_seconds()
+        started = time.time()  # the clock the worker stamps `finished_at` with
+        submitted = self._submit(jobs)
+        self._wait_done(submitted["batch_id"], len(jobs))
+        cpu = {k: v - cpu_before[k] for k, v in self.cpu_seconds().items()}
+        run = self._overhead(submitted["job_ids"])
+        farm_s = run.pop("last_finished_at") - started
+        return {"farm_s": farm_s, "farm_images_per_s": len(jobs) / farm_s, **run, "cpu_s": cpu}
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time used so far by each of the farm's processes (user and system)."""
+        processes = {"redis": self.farm.redis.process, "api": self.farm.api, "worker": self.worker}
+        if self.farm.s3:
+            processes["seaweedfs"] = self.farm.s3.process
+        out = {}
+        for name, process in processes.items():
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+        return out
+
+    def finish(self, memory_jobs: Sequence[Job]) -> dict[str, Any]:
+        """The worker's peak RSS; then, with the worker stopped, Redis bytes per queued job."""
+        result: dict[str, Any] = {"worker_peak_rss_mib": _peak_rss_mib(self.worker.pid)}
+        self.worker.stop(30)  # drains its output pipeline; nothing may render what follows
+        before = int(self.redis.info("memory")["used_memory"])
+        submitted = self._submit(memory_jobs)
+        time.sleep(1.0)  # let the dispatcher do what it does with queued work (it is counted too)
+        after = int(self.redis.info("memory")["used_memory"])
+        sample = self.redis.memory_usage(Keys().job(submitted["job_ids"][0])) or 0
+        return result | {
+            "queued_jobs": len(memory_jobs),
+            "redis_bytes_per_queued_job": (after - before) / len(memory_jobs),
+            "job_record_bytes": int(sample),
+        }
+
+    def _submit(self, jobs: Sequence[Job]) -> dict[str, Any]:
+        return self.client.submit([job.farm_spec() for job in jobs])
+
+    def _wait_done(self, batch_id: str, total: int) -> None:
+        """Poll until every job of the batch ended; raise unless all succeeded."""
+        deadline = time.monotonic() + RENDER_TIMEOUT_S
+        while time.monotonic() < deadline:
+            counts = self.client.batch(batch_id)["counts"]
+            ended = counts["succeeded"] + counts["failed"] + counts["cancelled"]
+            if ended == total:
+                if counts["succeeded"] != total:
+                    raise RuntimeError(f"batch {batch_id}: not every job succeeded: {counts}")
+                return
+            time.sleep(POLL_S)
+        raise TimeoutError(f"batch {batch_id} not done after {RENDER_TIMEOUT_S:.0f} s")
+
+    def _overhead(self, job_ids: list[str]) -> dict[str, float]:
+        """The worker's wall time on the batch, and the share of it outside the three models."""
+        records = [r for r in self.ledger.jobs(job_ids) if r is not None]
+        started = min(float(r["started_at"]) for r in records)
+        finished = max(float(r["finished_at"]) for r in records)  # the last object stored
+        # Every job of a chunk carries the chunk's timings: a job's share is 1/rows of them.
+        model_s = sum(
+            (t["text_encoder"] + t["unet"] + t["vae"]) / t["batch_rows"]
+            for t in (r["timings"] for r in records)
+        )
+        rows = [r["timings"]["batch_rows"] for r in records]
+        # Each pass's own model time, in the order they ran (a pass's jobs share its timings):
+        # a slow run shows whether every pass was slower (a slower CPU) or one stalled.
+        passes: dict[tuple[float, ...], float] = {}
+        for r in records:
+            t = r["timings"]
+            key = (t["text_encoder"], t["unet"], t["vae"])
+            passes[key] = min(passes.get(key, float("inf")), float(r["started_at"]))
+        pass_model_s = [round(sum(key), 3) for key in sorted(passes, key=passes.__getitem__)]
+        wall = finished - started
+        return {
+            "last_finished_at": finished,
+            "worker_wall_s": wall,
+            "model_s": model_s,
+            "overhead_share": 1 - model_s / wall,
+            "mean_rows_per_pass": sum(rows) / len(rows),
+            "pass_model_s": pass_model_s,
+        }
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -57,82 +179,3 @@ def _peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _overhead(ledger: Ledger, job_ids: list[str]) -> dict[str, float]:
-    """The worker's wall time on the batch, and the share of it outside the three models."""
-    records = [r for r in ledger.jobs(job_ids) if r is not None]
-    started = min(float(r["started_at"]) for r in records)
-    finished = max(float(r["finished_at"]) for r in records)  # the last object stored
-    # Every job of a chunk carries the chunk's timings: a job's share is 1/rows of them.
-    model_s = sum(
-        (t["text_encoder"] + t["unet"] + t["vae"]) / t["batch_rows"]
-        for t in (r["timings"] for r in records)
-    )
-    rows = [r["timings"]["batch_rows"] for r in records]
-    wall = finished - started
-    return {
-        "last_finished_at": finished,
-        "worker_wall_s": wall,
-        "model_s": model_s,
-        "overhead_share": 1 - model_s / wall,
-        "mean_rows_per_pass": sum(rows) / len(rows),
-    }
-
-
-def _redis_bytes_per_job(client: FarmClient, r: redis.Redis, jobs: Sequence[Job]) -> dict[str, Any]:
-    """Bytes of Redis memory per queued job (INFO used_memory), with no worker to take them."""
-    before = int(r.info("memory")["used_memory"])
-    submitted = _submit(client, jobs)
-    time.sleep(1.0)  # let the dispatcher do what it does with queued work (it is counted too)
-    after = int(r.info("memory")["used_memory"])
-    sample = r.memory_usage(Keys().job(submitted["job_ids"][0])) or 0
-    return {
-        "queued_jobs": len(jobs),
-        "redis_bytes_per_queued_job": (after - before) / len(jobs),
-        "job_record_bytes": int(sample),
-    }
-
-
-def measure_farm(  # noqa: PLR0917 - one caller, every argument named there
-    state_dir: Path,
-    model_dir: Path,
-    jobs: Sequence[Job],
-    warm_up: Sequence[Job],
-    memory_jobs: Sequence[Job],
-    max_batch: int,
-    repeats: int = 1,
-) -> dict[str, Any]:
-    """Images/s of the whole farm on `jobs` (best of `repeats`), its overhead, RSS, Redis/job."""
-    env = {"SDFARM_MAX_BATCH": str(max_batch)}
-    farm = LocalFarm(state_dir=state_dir, workers=0, models={"tiny": str(model_dir)}, extra_env=env)
-    with farm:
-        argv = [sys.executable, "-m", "producer", "worker", "--device", "cpu"]
-        argv += ["--model", f"tiny={model_dir}"]
-        worker = ManagedProcess("bench-worker", argv, log_dir=farm.log_dir, env=farm.env)
-        worker.start()
-        r = redis.Redis.from_url(farm.redis.url)
-        ledger = Ledger(r, status_ttl_s=3600, lease_s=60)
-        try:
-            with FarmClient(farm.api_url, farm.api_key) as client:
-                first = _submit(client, warm_up)
-                _wait_done(client, first["batch_id"], len(warm_up))
-
-                result: dict[str, Any] = {"farm_s": float("inf")}
-                for _ in range(repeats):
-                    started = time.time()  # the clock the worker stamps `finished_at` with
-                    submitted = _submit(client, jobs)
-                    _wait_done(client, submitted["batch_id"], len(jobs))
-                    run = _overhead(ledger, submitted["job_ids"])
-                    farm_s = run.pop("last_finished_at") - started
-                    if farm_s < result["farm_s"]:
-                        result = {"farm_s": farm_s, **run}
-                result["farm_images_per_s"] = len(jobs) / result["farm_s"]
-                result["worker_peak_rss_mib"] = _peak_rss_mib(worker.pid)
-                worker.stop(30)  # drains its output pipeline; nothing may render what follows
-                result |= _redis_bytes_per_job(client, r, memory_jobs)
-        finally:
-            if worker.is_running():
-                worker.stop(30)
-            r.close()
-    return result

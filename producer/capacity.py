@@ -8,7 +8,7 @@ these; the API also uses `unserved_note` to say when a job waits for a model no 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from shared.ledger import Ledger
 from shared.pending import pending_count
 from shared.registry import live_workers
 
-__all__ = ["ModelCapacity", "model_capacity", "serving_models", "unserved_note"]
+__all__ = ["ModelCapacity", "model_capacity", "unserved_note"]
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +75,17 @@ def model_capacity(
     return out
 
 
-def serving_models(ledger: Ledger) -> set[str]:
-    """Models held by at least one live worker."""
-    return {m for w in live_workers(ledger.redis, ledger.keys) for m in w.get("models", [])}
-
-
 def unserved_note(
-    ledger: Ledger, models: Sequence[str], state_counts: dict[str, int]
+    serving: Callable[[], Collection[str]], models: Sequence[str], state_counts: dict[str, int]
 ) -> str | None:
-    """Why queued work is not moving, when the reason is that no live worker holds its model."""
+    """Why queued work is not moving, when the reason is that no live worker holds its model.
+
+    `serving()` gives the models live workers hold (`QueueView.serving_models`); it is called
+    only when some of the work is queued.
+    """
     if not state_counts.get("queued"):
         return None
-    missing = sorted(set(models) - serving_models(ledger))
+    missing = sorted(set(models) - set(serving()))
     if not missing:
         return None
     names = ", ".join(repr(m) for m in missing)

@@ -5,6 +5,10 @@ ledger does it after every successful transition). The throughput of a model is 
 last `throughput_window_s` divided by the time since the first non-empty bucket of that window,
 so a farm that just started is not underestimated.
 
+Every status request needs the same few farm-wide facts (the unfinished batches, each model's
+recent throughput, which models a live worker holds); they are read at most once a second and
+shared, so that a status request costs one Redis read of its own, however many clients poll.
+
 Queue position is an upper bound: the queued jobs of other unfinished batches that share a model
 with this one and go first under priority order (more urgent, or as urgent and older). A fair
 dispatcher serves batches of equal priority in turn, so a small batch usually starts sooner.
@@ -14,19 +18,22 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.config import Settings
 from shared.jobs import DEFAULT_PRIORITY
 from shared.keys import text as _s
 from shared.ledger import THROUGHPUT_BUCKET_S, Ledger
+from shared.registry import live_workers
 
 __all__ = ["ActiveBatch", "Estimate", "QueueView"]
 
-SNAPSHOT_TTL_S = 1.0  # many pollers share one read of the active batches per second
+SNAPSHOT_TTL_S = 1.0  # many pollers share one read of each farm-wide fact per second
 WORKER_RATE_WINDOW_S = 60.0  # images/s per worker is over the last minute
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,13 +54,24 @@ class Estimate:
 
 
 class QueueView:
-    """Reads the farm's recent throughput and its unfinished batches (cached for a second)."""
+    """Reads the farm's recent throughput, its unfinished batches and the models live workers
+    hold; what `estimate` and `serving_models` read is cached for `SNAPSHOT_TTL_S`."""
 
     def __init__(self, ledger: Ledger, settings: Settings) -> None:
         self.ledger = ledger
         self.settings = settings
         self._lock = threading.Lock()
-        self._snapshot: tuple[float, list[ActiveBatch]] = (0.0, [])
+        self._cache: dict[Hashable, tuple[float, Any]] = {}
+
+    def _cached(self, key: Hashable, read: Callable[[], T]) -> T:
+        """`read()`, or what it returned less than SNAPSHOT_TTL_S ago."""
+        with self._lock:
+            taken_at, value = self._cache.get(key, (float("-inf"), None))
+            if time.monotonic() - taken_at < SNAPSHOT_TTL_S:
+                return value  # type: ignore[no-any-return]
+            value = read()
+            self._cache[key] = (time.monotonic(), value)
+            return value
 
     def throughput(
         self, kind: str, names: Iterable[str], window_s: float, now: float | None = None
@@ -80,13 +98,20 @@ class QueueView:
 
     def active(self) -> list[ActiveBatch]:
         """Unfinished batches; expired ones are dropped from the active set as they are seen."""
-        with self._lock:
-            taken_at, batches = self._snapshot
-            if time.monotonic() - taken_at < SNAPSHOT_TTL_S:
-                return batches
-            batches = self._read_active()
-            self._snapshot = (time.monotonic(), batches)
-            return batches
+        return self._cached("active", self._read_active)
+
+    def serving_models(self) -> frozenset[str]:
+        """Models held by at least one live worker."""
+        return self._cached("serving", self._read_serving)
+
+    def model_rate(self, models: frozenset[str]) -> float:
+        """Recent images/s of these models, over `throughput_window_s`."""
+        window = self.settings.throughput_window_s
+        return self._cached(("rate", models), lambda: self.throughput("model", models, window))
+
+    def _read_serving(self) -> frozenset[str]:
+        workers = live_workers(self.ledger.redis, self.ledger.keys)
+        return frozenset(m for w in workers for m in w.get("models", []))
 
     def _read_active(self) -> list[ActiveBatch]:
         r, keys = self.ledger.redis, self.ledger.keys
@@ -119,7 +144,7 @@ class QueueView:
         """Queue position, ETA and throughput for a batch record from `Ledger.batch`."""
         counts = record["counts"]
         models = frozenset(m for m in record.get("models", "").split(",") if m)
-        rate = self.throughput("model", models, self.settings.throughput_window_s)
+        rate = self.model_rate(models)
         remaining = counts["queued"] + counts["running"]
         if remaining == 0:
             return Estimate(queue_position=None, eta_s=0.0, throughput=rate)

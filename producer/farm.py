@@ -92,7 +92,11 @@ class Farm:
         self.redis.close()
 
 
-def get_farm(request: Request) -> Farm:
+# The dependencies below do no I/O, so they are `async def`: FastAPI runs a plain `def`
+# dependency in its thread pool, a hand-off that cost more than the rest of a status request.
+
+
+async def get_farm(request: Request) -> Farm:
     return request.app.state.farm  # type: ignore[no-any-return]
 
 
@@ -102,7 +106,7 @@ FarmDep = Annotated[Farm, Depends(get_farm)]
 _bearer = HTTPBearer(auto_error=False, description="An API key from SDFARM_API_KEYS.")
 
 
-def authorized(
+async def authorized(
     f: FarmDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
 ) -> str:
@@ -132,7 +136,7 @@ GUARDED = [Depends(authorized)]
 _QUERY_NAMES: dict[tuple[str, str], frozenset[str]] = {}  # (path, methods) -> parameter names
 
 
-def known_query_only(request: Request) -> None:
+async def known_query_only(request: Request) -> None:
     """Refuse query parameters a route does not take: a misspelt `limt=` is not ignored."""
     route = request.scope.get("route")
     if not request.query_params or not isinstance(route, APIRoute):

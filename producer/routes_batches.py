@@ -189,7 +189,7 @@ def _with_estimate(f: FarmDep, record: dict[str, Any]) -> BatchPublic:
         queue_position=estimate.queue_position,
         eta_s=estimate.eta_s,
         throughput=estimate.throughput,
-        waiting_for=unserved_note(f.ledger, models, record["counts"]),
+        waiting_for=unserved_note(f.queue.serving_models, models, record["counts"]),
     )
 
 

@@ -25,7 +25,7 @@ def get_job(job_id: str, f: FarmDep) -> JobPublic:
     """One job: state, progress (step k of n), spec, result, error."""
     _check_job_id(job_id)
     record = f.ledger.job(job_id)
-    waiting = unserved_note(f.ledger, [record["model"]], {record["state"]: 1})
+    waiting = unserved_note(f.queue.serving_models, [record["model"]], {record["state"]: 1})
     return job_public(record).model_copy(update={"waiting_for": waiting})
 
 

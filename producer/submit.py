@@ -51,8 +51,14 @@ def validate_jobs(job_dicts: Iterable[Mapping[str, Any]], settings: Settings) ->
         if not isinstance(raw, Mapping):
             problems.append({"job": index, "field": None, "message": "a job must be a JSON object"})
             continue
+        filled = dict(raw)  # filled in before validating: a copy of the model would cost more
+        if not filled.get("model") and default_model is not None:
+            filled["model"] = default_model
+        if filled.get("seed") is None:
+            # Drawn here, never at render time: a redelivered job renders the same image.
+            filled["seed"] = secrets.randbelow(MAX_SEED + 1)
         try:
-            spec = JobSpec.model_validate(raw)
+            spec = JobSpec.model_validate(filled)
         except ValidationError as e:
             problems.extend(_describe(index, e))
             continue
@@ -60,15 +66,7 @@ def validate_jobs(job_dicts: Iterable[Mapping[str, Any]], settings: Settings) ->
         if problem:
             problems.append({"job": index, **problem})
             continue
-        specs.append(
-            spec.model_copy(
-                update={
-                    "model": spec.model or default_model,
-                    # Drawn here, never at render time: a redelivered job renders the same image.
-                    "seed": spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED + 1),
-                }
-            )
-        )
+        specs.append(spec)
     if problems:
         first = problems[0]
         where = f"job {first['job']}" + (

@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     storage_put_attempts: int = Field(default=4, ge=1, le=20)
     # Pause before the second upload try; it doubles before each further one.
     storage_backoff_s: float = Field(default=0.5, ge=0)
+    # A job whose image could not be stored for this long (from the first hand-back for it) fails
+    # with the store's error instead of going back again: a store that refuses the workers'
+    # credentials, or a bucket that is gone, must not keep jobs cycling forever. 0: never.
+    storage_give_up_s: float = Field(default=3600.0, ge=0)
     # On SIGTERM the running chunk may finish within this; after it, its jobs are handed back.
     shutdown_grace_s: float = Field(default=60.0, ge=0)
     # TEST HOOK (fault suite only, off by default): a prompt holding `worker.faults.POISON_MARKER`

@@ -11,6 +11,7 @@
     ├── RenderCancelled       (permanent)  the job was cancelled while it rendered
     ├── RenderFailed          (permanent)  the sampling loop failed for this job
     ├── StorageError          (retryable)  the object store failed or timed out
+    │   └── StorageRefused                 it answered and refused: credentials, permissions, bucket
     ├── WorkerStopping        (retryable)  the worker is shutting down; its work is handed back
     └── FarmUnreachable       (retryable)  the API or Redis cannot be reached
 
@@ -33,6 +34,7 @@ __all__ = [
     "SdfarmError",
     "ServiceStartError",
     "StorageError",
+    "StorageRefused",
     "UnknownId",
     "WorkerSetupError",
     "WorkerStopping",
@@ -85,6 +87,13 @@ class StorageError(SdfarmError):
     """The object store failed or timed out; the work is handed back and retried later."""
 
     retryable = True
+
+
+class StorageRefused(StorageError):
+    """The object store answered and refused (wrong credentials, no permission, no such bucket):
+    waiting will not fix it, changing the configuration will."""
+
+    retryable = False
 
 
 class WorkerStopping(SdfarmError):

@@ -91,6 +91,7 @@ class Ledger:
         job_ids = [job_id_for(batch_id, i) for i in range(len(specs))]
         by_compat: dict[str, list[str]] = {}
         models: dict[str, str] = {}
+        queued = JobState.QUEUED.value
         for start in range(0, len(specs), _SUBMIT_SLICE):
             pipe = self.redis.pipeline(transaction=False)
             for job_id, spec in zip(
@@ -103,21 +104,15 @@ class Ledger:
                 by_compat.setdefault(compat, []).append(job_id)
                 models[compat] = spec.model
                 key = self.keys.job(job_id)
-                pipe.hset(
-                    key,
-                    mapping={
-                        "state": JobState.QUEUED.value,
-                        "batch_id": batch_id,
-                        "spec": spec.model_dump_json(),
-                        "model": spec.model,
-                        "compat": compat,
-                        "seed": spec.seed,
-                        "attempts": 0,
-                        "created_at": now,
-                        "updated_at": now,
-                    },
-                )
-                pipe.expire(key, ttl)
+                # HSET spelled out: `hset(mapping=...)` rebuilds these arguments for every job,
+                # which was a fifth of the time to accept a big batch. (redis-py leaves
+                # execute_command untyped.)
+                pipe.execute_command(  # type: ignore[no-untyped-call]
+                    "HSET", key, "state", queued, "batch_id", batch_id,
+                    "spec", spec.model_dump_json(), "model", spec.model, "compat", compat,
+                    "seed", spec.seed, "attempts", 0, "created_at", now, "updated_at", now,
+                )  # fmt: skip
+                pipe.execute_command("EXPIRE", key, ttl)  # type: ignore[no-untyped-call]
             pipe.execute()
         # One arrival number per compat key: it orders the batch's groups and gives its turn.
         last_seq = self.redis.incrby(self.keys.sequence(), len(by_compat))

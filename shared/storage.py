@@ -13,11 +13,24 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from shared.errors import StorageError
+from shared.errors import StorageError, StorageRefused
 
 __all__ = ["FileStorage", "S3Storage", "Storage", "image_key", "open_storage"]
 
 log = logging.getLogger(__name__)
+
+PROBE_FOLDER = ".sdfarm-probe"  # `check` writes (and removes) one small object here
+# S3 error codes that mean the store answered and said no: only a configuration change helps.
+REFUSALS = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "InvalidAccessKeyId",
+        "InvalidBucketName",
+        "NoSuchBucket",
+        "SignatureDoesNotMatch",
+    }
+)
 
 
 def image_key(prefix: str, batch_id: str, job_id: str) -> str:
@@ -41,6 +54,11 @@ class Storage(Protocol):
 
     def describe(self, key: str) -> str:
         """The object's full address, for humans (`s3://bucket/key`, `file:///...`)."""
+        ...
+
+    def check(self, name: str) -> None:
+        """Write and remove a small object named `name` under the probe folder, as a worker
+        does at start: StorageRefused when the store refuses, StorageError when it fails."""
         ...
 
 
@@ -88,7 +106,18 @@ class S3Storage:
         try:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
         except (BotoCoreError, ClientError) as e:
-            raise StorageError(f"could not store s3://{self.bucket}/{key}: {e}") from e
+            raise _s3_error(f"could not store s3://{self.bucket}/{key}", e) from e
+
+    def check(self, name: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        key = f"{self.prefix.strip('/')}/{PROBE_FOLDER}/{name}".lstrip("/")
+        self.put(key, b"sdfarm", "text/plain")
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as e:
+            # Workers only need to write: a credential without delete is fine, the probe stays.
+            log.info("could not remove the probe s3://%s/%s: %s", self.bucket, key, e)
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -96,7 +125,7 @@ class S3Storage:
         try:
             body: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except (BotoCoreError, ClientError) as e:
-            raise StorageError(f"could not read s3://{self.bucket}/{key}: {e}") from e
+            raise _s3_error(f"could not read s3://{self.bucket}/{key}", e) from e
         return body
 
     def exists(self, key: str) -> bool:
@@ -107,7 +136,7 @@ class S3Storage:
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
                 return False
-            raise StorageError(f"could not check s3://{self.bucket}/{key}: {e}") from e
+            raise _s3_error(f"could not check s3://{self.bucket}/{key}", e) from e
         except BotoCoreError as e:
             raise StorageError(f"could not check s3://{self.bucket}/{key}: {e}") from e
         return True
@@ -155,11 +184,27 @@ class FileStorage:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def check(self, name: str) -> None:
+        key = f"{PROBE_FOLDER}/{name}"
+        try:
+            self.put(key, b"sdfarm", "text/plain")
+        except StorageError as e:  # a directory this process may not write to will stay so
+            raise StorageRefused(str(e)) from e
+        self._path(key).unlink(missing_ok=True)
+
     def url(self, key: str, expires_s: int) -> str | None:
         return None
 
     def describe(self, key: str) -> str:
         return self._path(key).as_uri()
+
+
+def _s3_error(message: str, error: Exception) -> StorageError:
+    """StorageRefused for an answer that only a configuration change can turn around."""
+    code = getattr(error, "response", {}).get("Error", {}).get("Code")
+    if code in REFUSALS:
+        return StorageRefused(f"{message}: the store refused ({code}): {error}")
+    return StorageError(f"{message}: {error}")
 
 
 def open_storage(

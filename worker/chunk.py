@@ -168,7 +168,7 @@ def _render_and_store(
             _finish(ctx, job_id, JobState.FAILED, {"error": str(e)}, outcome)
             continue
         except StorageError as e:
-            _hand_back(ctx, job_id, f"storage unavailable: {e}", outcome)
+            _storage_failed(ctx, job_id, e, outcome)
             continue
         ready.append((job_id, spec))
     claimed = ready
@@ -321,9 +321,7 @@ def _store_one(  # noqa: PLR0917 - one call site, each argument named there
     try:
         put_with_retry(ctx, job_id, key, data, keep_alive=outcome.claimed)
     except StorageError as e:
-        # Not the job's fault: back to `queued` without charging an attempt, however long the
-        # store stays down (a job is never `succeeded` without its object, nor failed for this).
-        _hand_back(ctx, job_id, f"storage unavailable: {e}", outcome)
+        _storage_failed(ctx, job_id, e, outcome)
         return
     fields = {
         "result": {"key": key, "uri": ctx.storage.describe(key), "bytes": len(data)},
@@ -334,6 +332,31 @@ def _store_one(  # noqa: PLR0917 - one call site, each argument named there
     }
     _finish(ctx, job_id, JobState.SUCCEEDED, fields, outcome)
     ctx.images_done += 1
+
+
+def _storage_failed(
+    ctx: WorkerContext, job_id: str, error: StorageError, outcome: ChunkOutcome
+) -> None:
+    """Not the job's fault: back to `queued` without charging an attempt, while the store has
+    been failing it for less than `storage_give_up_s`; after that, failed with the store's error
+    (a job is never `succeeded` without its object)."""
+    record = ctx.ledger.job(job_id)
+    now = time.time()
+    since = float(record.get("storage_failing_since") or now)
+    limit_s = ctx.settings.storage_give_up_s
+    if limit_s and now - since >= limit_s:
+        failing_s = now - since
+        failing = f"{failing_s:.0f} s" if failing_s < 120 else f"{failing_s / 60:.0f} min"
+        message = (
+            f"its image could not be stored for {failing} ({error}); check the S3 store, its "
+            "bucket and the workers' credentials, then retry the job"
+        )
+        _finish(ctx, job_id, JobState.FAILED, {"error": message}, outcome)
+        return
+    reason = f"storage unavailable: {error}"
+    fields = {"storage_failing_since": since}
+    if hand_back(ctx.ledger, job_id, reason, owner=ctx.worker_id, record=record, fields=fields):
+        outcome.requeued.append(job_id)
 
 
 def _finish(

@@ -2,7 +2,9 @@
 errors and shutdowns. `worker.chunk` decides what to do with a job; these are the moves.
 
 - Uploads are retried with doubling pauses; when the store stays down, the job is handed back to
-  `queued` without charging an attempt, so an outage delays work but never fails it.
+  `queued` without charging an attempt, so an outage delays work but does not fail it, up to
+  `storage_give_up_s` from the first such hand-back: then the job fails with the store's error
+  (a store that refuses the workers' credentials would otherwise cycle its jobs forever).
 - After a failed pass, its tensors are collected and CUDA's cache emptied before the next try.
 - On SIGTERM (`worker.main` sets `stop_by`), a pass still rendering at the deadline stops at its
   next step and its jobs are handed back, again without charging an attempt.
@@ -15,7 +17,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 import torch
@@ -70,10 +72,21 @@ def put_with_retry(
             return
 
 
-def hand_back(ledger: Ledger, job_id: str, reason: str, *, owner: str | None = None) -> bool:
-    """`running` → `queued` without charging an attempt (the farm failed, not the job)."""
-    record = ledger.job(job_id)
-    fields = {"last_error": reason, "attempts": max(0, record["attempts"] - 1)}
+def hand_back(
+    ledger: Ledger,
+    job_id: str,
+    reason: str,
+    *,
+    owner: str | None = None,
+    record: dict[str, Any] | None = None,
+    fields: dict[str, Any] | None = None,
+) -> bool:
+    """`running` → `queued` without charging an attempt (the farm failed, not the job).
+
+    `record` is the job's, when the caller has just read it; `fields` are written with the move.
+    """
+    record = record or ledger.job(job_id)
+    fields = {**(fields or {}), "last_error": reason, "attempts": max(0, record["attempts"] - 1)}
     result = ledger.transition(job_id, [JobState.RUNNING], JobState.QUEUED, fields, owner=owner)
     if result.applied:
         log.warning("job %s: handed back, no attempt charged: %s", job_id, reason)

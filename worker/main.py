@@ -21,9 +21,10 @@ from celery.signals import worker_shutting_down
 
 from shared.celery_app import make_celery, model_queue
 from shared.config import Settings
+from shared.errors import StorageError, StorageRefused, WorkerSetupError
 from shared.ledger import Ledger
 from shared.registry import publish_heartbeat
-from shared.storage import open_storage
+from shared.storage import Storage, open_storage
 from worker.accel import Levers
 from worker.chunk import WorkerContext
 from worker.models import LoadedModel, load_model
@@ -46,17 +47,36 @@ def load_models(
     return loaded
 
 
+def check_storage(storage: Storage, worker_id: str) -> None:
+    """Refuse to start when the image store refuses this worker; only warn when it is down.
+
+    A worker that cannot store would render jobs only to hand them back: better to say why at
+    start. A store that is merely unreachable may come back (compose starts services together),
+    and the upload retries and hand-backs cover that.
+    """
+    try:
+        storage.check(worker_id)
+    except StorageRefused as e:
+        raise WorkerSetupError(
+            f"the image store refuses this worker, so it takes no work: {e}. Check "
+            "SDFARM_STORAGE_URL, SDFARM_S3_ENDPOINT_URL and the AWS_* credentials"
+        ) from e
+    except StorageError as e:
+        log.warning("image store unreachable at start (%s); finished jobs will wait for it", e)
+
+
 def run_worker(
     settings: Settings, models: dict[str, str], *, device: str = "cpu", loglevel: str = "INFO"
 ) -> None:
     """Run one worker process (one per GPU) until it is told to stop."""
     if not models:
         raise SystemExit("no models to serve: pass --model NAME=PATH or set SDFARM_MODELS")
+    worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
+    check_storage(storage, worker_id)  # before the models: a refusal costs seconds, not minutes
     loaded = load_models(models, device, Levers.from_settings(settings))
     client = redis.Redis.from_url(settings.redis_url)
     ledger = Ledger(client, status_ttl_s=settings.status_ttl_s, lease_s=settings.lease_s)
-    storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
-    worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     ctx = WorkerContext(
         settings=settings, ledger=ledger, storage=storage, models=loaded, worker_id=worker_id
     )
