@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from shared.errors import StorageError, StorageRefused
 
-__all__ = ["FileStorage", "S3Storage", "Storage", "image_key", "open_storage"]
+__all__ = ["FileStorage", "S3Storage", "Storage", "image_key", "open_storage", "probe_key"]
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,16 @@ REFUSALS = frozenset(
 )
 
 
+def _key(prefix: str, *parts: str) -> str:
+    return "/".join([prefix.strip("/"), *parts]).lstrip("/")
+
+
 def image_key(prefix: str, batch_id: str, job_id: str) -> str:
-    return f"{prefix.strip('/')}/{batch_id}/{job_id}.png".lstrip("/")
+    return _key(prefix, batch_id, f"{job_id}.png")
+
+
+def probe_key(prefix: str, name: str) -> str:
+    return _key(prefix, PROBE_FOLDER, name)
 
 
 class Storage(Protocol):
@@ -111,7 +119,7 @@ class S3Storage:
     def check(self, name: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        key = f"{self.prefix.strip('/')}/{PROBE_FOLDER}/{name}".lstrip("/")
+        key = probe_key(self.prefix, name)
         self.put(key, b"sdfarm", "text/plain")
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key)
@@ -185,7 +193,7 @@ class FileStorage:
         return self._path(key).is_file()
 
     def check(self, name: str) -> None:
-        key = f"{PROBE_FOLDER}/{name}"
+        key = probe_key(self.prefix, name)
         try:
             self.put(key, b"sdfarm", "text/plain")
         except StorageError as e:  # a directory this process may not write to will stay so

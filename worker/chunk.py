@@ -168,7 +168,7 @@ def _render_and_store(
             _finish(ctx, job_id, JobState.FAILED, {"error": str(e)}, outcome)
             continue
         except StorageError as e:
-            _storage_failed(ctx, job_id, e, outcome)
+            _storage_failed(ctx, job_id, e, outcome, "its init image could not be read")
             continue
         ready.append((job_id, spec))
     claimed = ready
@@ -321,7 +321,7 @@ def _store_one(  # noqa: PLR0917 - one call site, each argument named there
     try:
         put_with_retry(ctx, job_id, key, data, keep_alive=outcome.claimed)
     except StorageError as e:
-        _storage_failed(ctx, job_id, e, outcome)
+        _storage_failed(ctx, job_id, e, outcome, "its image could not be stored")
         return
     fields = {
         "result": {"key": key, "uri": ctx.storage.describe(key), "bytes": len(data)},
@@ -335,11 +335,11 @@ def _store_one(  # noqa: PLR0917 - one call site, each argument named there
 
 
 def _storage_failed(
-    ctx: WorkerContext, job_id: str, error: StorageError, outcome: ChunkOutcome
+    ctx: WorkerContext, job_id: str, error: StorageError, outcome: ChunkOutcome, what: str
 ) -> None:
     """Not the job's fault: back to `queued` without charging an attempt, while the store has
     been failing it for less than `storage_give_up_s`; after that, failed with the store's error
-    (a job is never `succeeded` without its object)."""
+    (a job is never `succeeded` without its object). `what` says what failed, for the error."""
     record = ctx.ledger.job(job_id)
     now = time.time()
     since = float(record.get("storage_failing_since") or now)
@@ -348,8 +348,8 @@ def _storage_failed(
         failing_s = now - since
         failing = f"{failing_s:.0f} s" if failing_s < 120 else f"{failing_s / 60:.0f} min"
         message = (
-            f"its image could not be stored for {failing} ({error}); check the S3 store, its "
-            "bucket and the workers' credentials, then retry the job"
+            f"{what} for {failing} ({error}); check the S3 store, its bucket and the workers' "
+            "credentials, then retry the job"
         )
         _finish(ctx, job_id, JobState.FAILED, {"error": message}, outcome)
         return
