@@ -14,8 +14,8 @@ from typing import Any
 
 from shared.celery_app import model_queue
 from shared.ledger import Ledger
-from shared.pending import pending_count
-from shared.registry import live_workers
+from shared.ledger.pending import pending_count
+from shared.ledger.workers import live_workers
 
 __all__ = ["ModelCapacity", "model_capacity", "unserved_note"]
 

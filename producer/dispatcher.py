@@ -26,7 +26,7 @@ from shared.config import Settings
 from shared.errors import UnknownId
 from shared.jobs import JobState
 from shared.ledger import Ledger
-from shared.registry import live_workers
+from shared.ledger.workers import live_workers
 
 __all__ = ["Dispatcher"]
 

@@ -26,7 +26,7 @@ from shared.config import Settings
 from shared.jobs import DEFAULT_PRIORITY
 from shared.keys import text as _s
 from shared.ledger import THROUGHPUT_BUCKET_S, Ledger
-from shared.registry import live_workers
+from shared.ledger.workers import live_workers
 
 __all__ = ["ActiveBatch", "Estimate", "QueueView"]
 

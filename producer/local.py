@@ -36,7 +36,7 @@ from producer.processes import ManagedProcess, free_port
 from producer.services import RedisService, S3Service, redis_service, seaweedfs_service
 from shared.errors import ServiceStartError
 from shared.keys import Keys
-from shared.registry import live_workers
+from shared.ledger.workers import live_workers
 
 __all__ = ["LocalFarm", "make_tiny_model", "run_local_farm"]
 

@@ -37,7 +37,7 @@ from producer.capacity import model_capacity
 from shared.celery_app import model_queue
 from shared.keys import text as _s
 from shared.ledger import RENDER_BUCKETS_S, STATES
-from shared.registry import live_workers
+from shared.ledger.workers import live_workers
 
 if TYPE_CHECKING:
     from producer.farm import Farm

@@ -11,7 +11,7 @@ from producer.capacity import unserved_note
 from producer.farm import GUARDED, ApiError, FarmDep
 from producer.schemas import JobCancelled, JobPublic, WorkersList, errors, job_public
 from shared.jobs import JobState, is_job_id
-from shared.registry import live_workers
+from shared.ledger.workers import live_workers
 
 __all__ = ["router"]
 

@@ -22,7 +22,7 @@ from producer.processes import ManagedProcess, free_port
 from producer.services import S3Service
 from shared.config import Settings
 from shared.keys import Keys
-from shared.registry import live_workers
+from shared.ledger.workers import live_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ from shared.config import Settings
 from shared.jobs import JobSpec, batch_of, new_batch_id
 from shared.keys import Keys
 from shared.ledger import Ledger
-from shared.registry import live_workers, publish_heartbeat
+from shared.ledger.workers import live_workers, publish_heartbeat
 from tests.fixtures_farm import FarmEnv
 
 SPEC = {"prompt": "a lighthouse", "model": "tiny", "seed": 1, "width": 64, "height": 64, "steps": 2}

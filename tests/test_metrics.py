@@ -7,7 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.keys import Keys
-from shared.registry import publish_heartbeat
+from shared.ledger.workers import publish_heartbeat
 from tests.fixtures_api import Api
 
 

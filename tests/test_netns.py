@@ -34,7 +34,7 @@ from producer.services import start_redis, start_seaweedfs
 from shared.config import Settings
 from shared.keys import Keys
 from shared.ledger import Ledger
-from shared.registry import live_workers
+from shared.ledger.workers import live_workers
 from tests.fixtures_farm import ROOT
 
 SERVER_IP = "198.51.100.1"  # TEST-NET-2: documentation addresses, never routed anywhere

@@ -22,7 +22,7 @@ from producer.client import FarmClient
 from producer.processes import ManagedProcess
 from shared.errors import WorkerSetupError
 from shared.keys import Keys
-from shared.registry import live_workers
+from shared.ledger.workers import live_workers
 from tests.fixtures_farm import ROOT, FarmEnv
 from worker.gpu_claims import GpuClaims
 from worker.gpus import gpu_uuids

@@ -23,7 +23,7 @@ from shared.celery_app import make_celery, model_queue
 from shared.config import Settings
 from shared.errors import StorageError, StorageRefused, WorkerSetupError
 from shared.ledger import Ledger
-from shared.registry import publish_heartbeat
+from shared.ledger.workers import publish_heartbeat
 from shared.storage import Storage, open_storage
 from worker.accel import Levers
 from worker.chunk import WorkerContext

@@ -22,8 +22,15 @@ from shared.errors import IllegalTransition, UnknownId
 from shared.jobs import JobSpec, JobState, batch_of, compat_key, job_id_for
 from shared.keys import Keys
 from shared.keys import text as _s
-from shared.lua import RECORD_OUTCOME, RENEW_LEASES, RETRY_JOBS, TAKE_CHUNK, TRANSITION
-from shared.pending import Chunk, Take, parse_priority, pending_count, queue_pending, take_chunk
+from shared.ledger.scripts import RECORD_OUTCOME, RENEW_LEASES, RETRY_JOBS, TAKE_CHUNK, TRANSITION
+from shared.ledger.pending import (
+    Chunk,
+    Take,
+    parse_priority,
+    pending_count,
+    queue_pending,
+    take_chunk,
+)
 
 __all__ = [
     "RENDER_BUCKETS_S",
