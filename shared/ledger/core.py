@@ -22,7 +22,6 @@ from shared.errors import IllegalTransition, UnknownId
 from shared.jobs import JobSpec, JobState, batch_of, compat_key, job_id_for
 from shared.keys import Keys
 from shared.keys import text as _s
-from shared.ledger.scripts import RECORD_OUTCOME, RENEW_LEASES, RETRY_JOBS, TAKE_CHUNK, TRANSITION
 from shared.ledger.pending import (
     Chunk,
     Take,
@@ -31,6 +30,7 @@ from shared.ledger.pending import (
     queue_pending,
     take_chunk,
 )
+from shared.ledger.scripts import RECORD_OUTCOME, RENEW_LEASES, RETRY_JOBS, TAKE_CHUNK, TRANSITION
 
 __all__ = [
     "RENDER_BUCKETS_S",
