@@ -34,8 +34,9 @@ from diffusers import StableDiffusionPipeline
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.sd15 import build_sd15, build_tiny, scheduler_for
-from worker.accel import Levers, apply_levers, rows_per_pass
+from worker.levers import Levers, apply_levers
 from worker.models import LoadedModel
+from worker.passes import rows_per_pass
 from worker.sampler import PassParams, PassResult, Row, render_pass
 from worker.schedulers import make_scheduler
 
@@ -251,14 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args, device, model, run, started, size, steps, image_tflop)
 
     bench.diffusers_pipeline()
-    # The farm's levers (accel.py) as a worker applies them at load, eager first.
+    # The farm's levers (worker/levers.py) as a worker applies them at start, eager first.
     apply_levers(model, Levers())
     run.add("rows_per_pass_estimate", rows_per_pass(model, PassParams(2, size, size), None))
     bench.farm(batches, compiled=False)
     if args.no_compile or bench.over_budget(args.compile_reserve_s):
         run.add("skipped", {"compiled": True, "why": _why(args)})
     else:
-        model.unet.compile(backend=backend)  # what accel.apply_levers does for --compile
+        model.unet.compile(backend=backend)  # what levers.apply_levers does for --compile
         bench.farm(batches, compiled=True)
     run.add("total_s", time.monotonic() - started)
     _print_table(run.data)

@@ -28,6 +28,7 @@ from producer.metrics import render_metrics
 from producer.schemas import Health, errors
 from shared.config import Settings
 from shared.errors import InvalidJob, SdfarmError, UnknownId
+from shared.problems import problems_from, summary
 
 __all__ = ["create_app"]
 
@@ -88,7 +89,7 @@ def create_app(
     @app.get("/healthz", response_model=Health)
     def healthz(f: FarmDep) -> Health:
         """Liveness; needs no key."""
-        f.redis.ping()
+        f.ledger.stats.ping()
         return Health(ok=True, dispatcher_active=f.dispatcher.active)
 
     @app.get(
@@ -171,22 +172,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in exc.errors():
-            value = err.get("input")
-            problems.append(
-                {
-                    "field": ".".join(str(p) for p in err["loc"] if p != "body") or None,
-                    "value": value if isinstance(value, str | int | float | None) else None,
-                    "message": err["msg"],
-                }
-            )
-        first = problems[0] if problems else {"field": None, "message": "invalid request"}
-        where = f"`{first['field']}`: " if first["field"] else ""
-        got = f" (got {first['value']!r})" if first.get("value") is not None else ""
-        return JSONResponse(
-            {"error": f"{where}{first['message']}{got}", "problems": problems}, status_code=422
-        )
+        problems = problems_from(exc.errors(), skip=("body",))
+        return JSONResponse({"error": summary(problems), "problems": problems}, status_code=422)
 
     @app.exception_handler(redis.RedisError)
     async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:

@@ -12,10 +12,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shared.celery_app import model_queue
 from shared.ledger import Ledger
-from shared.ledger.pending import pending_count
-from shared.ledger.workers import live_workers
 
 __all__ = ["ModelCapacity", "model_capacity", "unserved_note"]
 
@@ -51,13 +48,13 @@ def model_capacity(
     rate its heartbeat publishes. A worker serving several models counts its whole rate for each:
     the estimate is for adding machines, where that errs towards enough.
     """
-    workers = live_workers(ledger.redis, ledger.keys)
+    workers = ledger.workers.live()
     names = sorted(set(models) | set(ledger.pending_models()))
     out = []
     for model in names:
         serving = [w for w in workers if model in w.get("models", [])]
-        pending = pending_count(ledger.redis, ledger.keys, model)
-        chunks = int(ledger.redis.llen(model_queue(model)))
+        pending = ledger.stats.pending_jobs(model)
+        chunks = ledger.stats.broker_depth(model)
         rate = sum(worker_rate(w) for w in serving)
         # A queued chunk holds at most max_batch jobs: the drain time errs long, never short.
         waiting = pending + chunks * max_batch

@@ -1,6 +1,7 @@
-"""The `sdfarm` command. Worker commands (`worker`, `render`, `model`) live in `worker.cli` and
-are imported only when run, so the client-only install works without torch; the client commands
-live in `producer.commands`.
+"""The `sdfarm` command. The client commands live in `producer.commands`; the worker commands
+(`worker`, `render`, `model`) are the worker package's, found through the `sdfarm.commands`
+entry points (pyproject.toml) and loaded only to run them or list them in `--help`, so this
+module never imports worker code and the client-only install works without torch.
 
 Exit codes:
     0  all jobs succeeded (or, for a command that only reads or asks, it did so)
@@ -15,6 +16,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from producer.commands import (
@@ -29,10 +31,17 @@ from shared.errors import AccessDenied, FarmUnreachable, InvalidJob, SdfarmError
 
 __all__ = ["command_names", "main"]
 
-WORKER_COMMANDS = ("worker", "render", "model")
+# The entry-point group through which other packages (the worker) add subcommands to `sdfarm`.
+COMMAND_GROUP = "sdfarm.commands"
 
 
-def _parser() -> argparse.ArgumentParser:
+def _plugin_commands() -> dict[str, EntryPoint]:
+    """The subcommands installed packages register in `sdfarm.commands`, by name (not loaded)."""
+    return {ep.name: ep for ep in entry_points(group=COMMAND_GROUP)}
+
+
+def _parser(describe: bool = False) -> argparse.ArgumentParser:
+    """The whole command line; `describe` loads the plugin commands for their help lines."""
     parser = argparse.ArgumentParser(
         prog="sdfarm",
         description="An asynchronous render farm for Stable Diffusion.",
@@ -110,14 +119,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, default=Path(".sdfarm"))
     p.add_argument("--device", default="cpu")
 
-    # Worker-side commands: their options are parsed by worker.cli.
-    for name, help_text in (
-        ("worker", "run a GPU worker process"),
-        ("render", "render one image in-process"),
-        ("model", "model tools (make-tiny)"),
-    ):
-        sub.add_parser(name, help=help_text, add_help=False)
+    # Commands from other packages (the worker's): they parse their own options.
+    for name, entry in sorted(_plugin_commands().items()):
+        sub.add_parser(name, help=_describe(entry) if describe else None, add_help=False)
     return parser
+
+
+def _describe(entry: EntryPoint) -> str:
+    """A plugin command's help line: its function's docstring, or the extra it is missing."""
+    try:
+        command = entry.load()
+    except ModuleNotFoundError as e:
+        return f"needs {_install_hint(entry)} ({e})"
+    lines = (command.__doc__ or "").strip().splitlines()
+    if not lines:
+        return f"from {entry.module}"
+    return lines[0][:1].lower() + lines[0][1:].rstrip(".")  # in the style of the lines above
+
+
+def _install_hint(entry: EntryPoint) -> str:
+    dist = entry.dist.name if entry.dist is not None else "sdfarm"
+    extras = ",".join(entry.extras)
+    return f"pip install '{dist}[{extras}]'" if extras else f"pip install '{dist}'"
 
 
 def _json(p: argparse.ArgumentParser) -> None:
@@ -139,15 +162,17 @@ def command_names() -> set[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, rest = _parser().parse_known_args(argv)
-    if args.command not in WORKER_COMMANDS and rest:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    plugins = _plugin_commands()
+    args, rest = _parser(describe=_asks_for_help(argv)).parse_known_args(argv)
+    if args.command not in plugins and rest:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.command in WORKER_COMMANDS:
-        return _run_worker_command(args.command, rest)
+    if args.command in plugins:
+        return _run_plugin(plugins[args.command], rest)
     if args.command in _SERVER_COMMANDS:
         logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     handler = _SERVER_COMMANDS.get(args.command) or HANDLERS[args.command]
@@ -167,13 +192,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def _run_worker_command(command: str, rest: list[str]) -> int:
+def _asks_for_help(argv: Sequence[str]) -> bool:
+    """`sdfarm -h` (before any command): only then are the plugin commands loaded to list them."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return False
+        if arg in ("-h", "--help"):
+            return True
+    return False
+
+
+def _run_plugin(entry: EntryPoint, rest: list[str]) -> int:
+    """Run a command another package registered; a dependency it lacks names the extra."""
     try:
-        from worker import cli as worker_cli
-    except ImportError as e:
-        _error(f"`sdfarm {command}` needs the worker extra: pip install 'sdfarm[worker]' ({e})")
+        command: Callable[[Sequence[str]], int] = entry.load()
+        return command(rest)
+    except ModuleNotFoundError as e:
+        own = ("shared", "producer", entry.module.partition(".")[0])
+        if e.name is None or e.name.partition(".")[0] in own:
+            raise  # a module of sdfarm's own missing is a broken install, not a missing extra
+        _error(
+            f"`sdfarm {entry.name}` needs {e.name}, which is not installed; "
+            f"install the extra it comes with: {_install_hint(entry)}"
+        )
         return EXIT_BAD_INPUT
-    return worker_cli.main(command, rest)
 
 
 def _error(message: str, more: Sequence[str] = ()) -> None:

@@ -11,7 +11,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -174,7 +173,7 @@ class FarmClient:
     def retry(self, batch_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/batches/{batch_id}/retry")  # type: ignore[no-any-return]
 
-    # -- waiting and fetching -------------------------------------------------------------------
+    # -- waiting --------------------------------------------------------------------------------
 
     def wait(
         self,
@@ -197,12 +196,6 @@ class FarmClient:
                     f"batch {batch_id} not finished after {timeout_s}s: {status['counts']}"
                 )
             time.sleep(poll_s)
-
-    def fetch(self, batch_id: str, out_dir: Path) -> list[Path]:
-        """Download every succeeded image (skipping intact files); returns their paths."""
-        from producer.download import fetch_batch
-
-        return fetch_batch(self, batch_id, out_dir).images
 
 
 def _raise_for(response: httpx.Response) -> None:

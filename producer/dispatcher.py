@@ -16,35 +16,21 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any
 
 import redis
 from celery import Celery
 
 from shared.celery_app import RENDER_CHUNK, model_queue
 from shared.config import Settings
-from shared.errors import UnknownId
+from shared.errors import FailureReason, UnknownId
 from shared.jobs import JobState
 from shared.ledger import Ledger
-from shared.ledger.workers import live_workers
 
 __all__ = ["Dispatcher"]
 
 log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.25  # longest sleep between ticks when nothing wakes the dispatcher
-
-# Renew the lock only if we still own it, so a paused dispatcher cannot steal it back.
-_RENEW_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 class Dispatcher:
@@ -61,13 +47,10 @@ class Dispatcher:
     ) -> None:
         self.settings = settings
         self.ledger = ledger
-        self.redis: redis.Redis = ledger.redis
         self.celery = celery
         self.node_id = uuid.uuid4().hex[:12]
         self.lock_ttl_s = lock_ttl_s
         self.reconcile_every_s = reconcile_every_s
-        self._renew_lock = self.redis.register_script(_RENEW_LOCK)
-        self._release_lock = self.redis.register_script(_RELEASE_LOCK)
         self._last_reconcile = 0.0
         self.active = False
         self.hold_until: float | None = None  # when the earliest held group is due (top_up)
@@ -76,15 +59,14 @@ class Dispatcher:
 
     def run(self, stop: threading.Event) -> None:
         """Dispatch while holding the lock, else wait to take over; return when `stop` is set."""
-        key = self.ledger.keys.dispatcher_lock()
         while not stop.is_set():
             try:
-                self.active = self._hold_lock(key)
+                self.active = self._hold_lock()
                 if self.active:
                     self.tick()
                     # Sleep until new work or a finished chunk pushes the wake list, or until a
                     # group held for more jobs is due.
-                    self.redis.blpop([self.ledger.keys.wake()], timeout=self._sleep_s())
+                    self.ledger.wait_for_wake(self._sleep_s())
                 else:
                     stop.wait(self.lock_ttl_s / 3)
             except redis.RedisError as e:
@@ -92,23 +74,21 @@ class Dispatcher:
                 stop.wait(1.0)
         if self.active:
             with contextlib.suppress(redis.RedisError):  # the lock expires on its own anyway
-                self._release_lock(keys=[key], args=[self.node_id])
+                self.ledger.loops.release_dispatch_lock(self.node_id)
 
-    def _hold_lock(self, key: str) -> bool:
-        ttl_ms = int(self.lock_ttl_s * 1000)
-        if self._renew_lock(keys=[key], args=[self.node_id, ttl_ms]):
-            return True
-        taken = bool(self.redis.set(key, self.node_id, nx=True, px=ttl_ms))
-        if taken:
+    def _hold_lock(self) -> bool:
+        """Renew the farm's dispatch lock, or take it when it is free; True while we hold it."""
+        held = self.ledger.loops.hold_dispatch_lock(self.node_id, self.lock_ttl_s)
+        if held and not self.active:
             log.info("dispatcher %s is now the active dispatcher", self.node_id)
-        return taken
+        return held
 
     def tick(self) -> int:
         """One round: reconcile when due, then top up every model's queue. Returns chunks sent."""
         now = time.time()
         if now - self._last_reconcile >= self.reconcile_every_s:
             self._last_reconcile = now
-            self.reconcile(now)
+            self.reconcile()
         return self.top_up()
 
     # -- dispatch -------------------------------------------------------------------------------
@@ -124,11 +104,11 @@ class Dispatcher:
         sent = 0
         self.hold_until = None
         wait_s = self.settings.batch_wait_ms / 1000
-        workers = live_workers(self.redis, self.ledger.keys)
+        workers = self.ledger.workers.live()
         for model in self.ledger.pending_models():
             serving = sum(1 for w in workers if model in w.get("models", []))
             target = self.settings.queue_chunks_per_worker * serving
-            depth = int(self.redis.llen(model_queue(model))) if target else 0
+            depth = self.ledger.stats.broker_depth(model) if target else 0
             while depth < target:
                 take = self.ledger.take(model, self.settings.max_batch, wait_s=wait_s)
                 if take.chunk is None:
@@ -157,24 +137,26 @@ class Dispatcher:
 
     # -- reconcile ------------------------------------------------------------------------------
 
-    def reconcile(self, now: float) -> dict[str, int]:
+    def reconcile(self, now: float | None = None) -> dict[str, int]:
         """Recover what the broker or a worker lost; the ledger says what that is.
 
         - A `running` job whose lease expired belongs to a worker that died or lost Redis: it
           goes back to `queued` (sent again by `top_up`), or to `failed` once it has used
-          `max_attempts`, with the reason of its last attempt.
+          `max_attempts`, with the reason of its last attempt (`Ledger.requeue_or_fail`, the
+          policy the workers use too). The move is a compare-and-set on the owner it saw and on
+          the lease having expired, so a renewal that came in meanwhile keeps the job rendering.
         - A job sent to a queue but not started within `dispatch_timeout_s` was lost on the way
           (a broker that dropped its messages, a queue key deleted): it is pushed back to pending
           and sent again. If the first message turns up after all, the job is no longer `queued`
           by then and that delivery does nothing.
 
-        One job's trouble (its record expired, say) never stops the others' recovery.
+        Leases are judged by Redis's clock; `now` (this host's clock) is for tools and tests that
+        look ahead. One job's trouble (its record expired, say) never stops the others' recovery.
         """
         counts = {"requeued": 0, "failed": 0, "cancelled": 0, "resent": 0, "dropped": 0}
         for job_id in self.ledger.expired_leases(now):
             counts[self._recover_expired(job_id)] += 1
-        older = now - self.settings.dispatch_timeout_s
-        for job_id in self.ledger.stale_inflight(older):
+        for job_id in self.ledger.stale_inflight(self.settings.dispatch_timeout_s):
             counts[self._resend_stale(job_id)] += 1
         if any(counts.values()):
             log.info("reconciled: %s", ", ".join(f"{k} {v}" for k, v in counts.items() if v))
@@ -184,10 +166,10 @@ class Dispatcher:
         try:
             result = self.ledger.transition(job_id, [JobState.QUEUED], JobState.QUEUED)
         except UnknownId:  # its record expired: nothing left to send
-            self.redis.zrem(self.ledger.keys.inflight(), job_id)
+            self.ledger.forget_inflight(job_id)
             return "dropped"
         if not result.applied:  # started, or ended, since: nothing to recover
-            self.redis.zrem(self.ledger.keys.inflight(), job_id)
+            self.ledger.forget_inflight(job_id)
             return "dropped"
         log.warning(
             "job %s: sent but not started within %.0f s; sending again",
@@ -198,41 +180,25 @@ class Dispatcher:
 
     def _recover_expired(self, job_id: str) -> str:
         try:
-            record: dict[str, Any] = self.ledger.job(job_id)
+            record = self.ledger.job(job_id)
         except UnknownId:  # its record expired while leased: forget the lease
-            self.redis.zrem(self.ledger.keys.leases(), job_id)
+            self.ledger.forget_lease(job_id)
             return "dropped"
-        worker = record.get("worker", "?")
-        reason = f"worker {worker} stopped renewing its lease (lost or killed)"
-        if record.get("cancel_requested") == "1":
-            # Cancelled while it ran, then its worker died: honour the cancel, never re-render.
-            result = self.ledger.transition(
-                job_id,
-                [JobState.RUNNING],
-                JobState.CANCELLED,
-                {"error": "cancelled (its worker was lost)", "finished_at": time.time()},
-            )
-            outcome = "cancelled"
-        elif record["attempts"] >= self.settings.max_attempts:
-            last = record.get("last_error")
-            result = self.ledger.transition(
-                job_id,
-                [JobState.RUNNING],
-                JobState.FAILED,
-                {
-                    "error": f"{reason}; gave up after {record['attempts']} attempts"
-                    + (f" (before that: {last})" if last else ""),
-                    "finished_at": time.time(),
-                },
-            )
-            outcome = "failed"
-        else:
-            result = self.ledger.transition(
-                job_id, [JobState.RUNNING], JobState.QUEUED, {"last_error": reason}
-            )
-            outcome = "requeued"
-        if not result.applied:  # it moved on by itself (a late finish): the lease is stale
-            self.redis.zrem(self.ledger.keys.leases(), job_id)
+        reason = f"worker {record.worker or '?'} stopped renewing its lease (lost or killed)"
+        state = self.ledger.requeue_or_fail(
+            job_id,
+            reason,
+            charge_attempt=True,
+            max_attempts=self.settings.max_attempts,
+            owner=record.worker,
+            lease_expired=True,
+            code=FailureReason.WORKER_LOST,
+        )
+        if not state:
+            # Refused: renewed since we looked (a live worker: leave it), or moved on by itself.
+            if record.state is not JobState.RUNNING:
+                self.ledger.forget_lease(job_id)
             return "dropped"
+        outcome = "requeued" if state == JobState.QUEUED else state
         log.warning("job %s: %s; %s", job_id, reason, outcome)
         return outcome

@@ -24,9 +24,8 @@ from typing import Any, TypeVar
 
 from shared.config import Settings
 from shared.jobs import DEFAULT_PRIORITY
-from shared.keys import text as _s
 from shared.ledger import THROUGHPUT_BUCKET_S, Ledger
-from shared.ledger.workers import live_workers
+from shared.ledger.stats import ActiveBatch
 
 __all__ = ["ActiveBatch", "Estimate", "QueueView"]
 
@@ -34,16 +33,6 @@ SNAPSHOT_TTL_S = 1.0  # many pollers share one read of each farm-wide fact per s
 WORKER_RATE_WINDOW_S = 60.0  # images/s per worker is over the last minute
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ActiveBatch:
-    batch_id: str
-    created_at: float
-    priority: int
-    models: frozenset[str]
-    queued: int
-    running: int
 
 
 @dataclass(frozen=True)
@@ -83,9 +72,7 @@ class QueueView:
         names = sorted(set(names))
         if not names:
             return 0.0
-        keys = [self.ledger.keys.done_bucket(kind, n, b) for n in names for b in buckets]
-        values = [int(v or 0) for v in self.ledger.redis.mget(keys)]
-        per_bucket = [sum(values[i :: len(buckets)]) for i in range(len(buckets))]
+        per_bucket = self.ledger.stats.done_per_bucket(kind, names, buckets)
         total = sum(per_bucket)
         if total == 0:
             return 0.0
@@ -98,7 +85,7 @@ class QueueView:
 
     def active(self) -> list[ActiveBatch]:
         """Unfinished batches; expired ones are dropped from the active set as they are seen."""
-        return self._cached("active", self._read_active)
+        return self._cached("active", self.ledger.stats.active_batches)
 
     def serving_models(self) -> frozenset[str]:
         """Models held by at least one live worker."""
@@ -110,35 +97,8 @@ class QueueView:
         return self._cached(("rate", models), lambda: self.throughput("model", models, window))
 
     def _read_serving(self) -> frozenset[str]:
-        workers = live_workers(self.ledger.redis, self.ledger.keys)
+        workers = self.ledger.workers.live()
         return frozenset(m for w in workers for m in w.get("models", []))
-
-    def _read_active(self) -> list[ActiveBatch]:
-        r, keys = self.ledger.redis, self.ledger.keys
-        ids = [_s(v) for v in r.zrange(keys.active_batches(), 0, -1)]
-        fields = ["created_at", "priority", "models", "queued", "running"]
-        pipe = r.pipeline(transaction=False)
-        for batch_id in ids:
-            pipe.hmget(keys.batch(batch_id), fields)
-        out, gone = [], []
-        for batch_id, row in zip(ids, pipe.execute(), strict=True):
-            if row[0] is None:
-                gone.append(batch_id)
-                continue
-            created, priority, models, queued, running = (_s(v) if v else "" for v in row)
-            out.append(
-                ActiveBatch(
-                    batch_id=batch_id,
-                    created_at=float(created),
-                    priority=int(priority or DEFAULT_PRIORITY),
-                    models=frozenset(m for m in models.split(",") if m),
-                    queued=int(queued or 0),
-                    running=int(running or 0),
-                )
-            )
-        if gone:
-            r.zrem(keys.active_batches(), *gone)
-        return out
 
     def estimate(self, record: dict[str, Any]) -> Estimate:
         """Queue position, ETA and throughput for a batch record from `Ledger.batch`."""

@@ -1,9 +1,9 @@
 """What happens when a batch ends: its manifest is stored next to its images, it leaves the set
 of active batches, and its webhook (if it has a `callback_url`) is scheduled.
 
-The ledger's TRANSITION pushes a batch id onto the `finished` list in the same atomic step that
-ends the batch. A finisher thread in each API process moves ids from there to `finishing` while
-it works on them (BLMOVE), so an id whose finisher died is picked up again at the next start:
+The ledger's TRANSITION records a batch's end in the same atomic step that ends it. A finisher
+thread in each API process takes ended batches from the ledger (`Ledger.loops`), which keeps
+each one aside while it is handled, so one whose finisher died is handed back at the next start:
 every ended batch gets its manifest and webhook at least once.
 """
 
@@ -28,10 +28,11 @@ __all__ = ["Finisher", "summary"]
 log = logging.getLogger(__name__)
 
 STORAGE_RETRY_S = 2.0  # a manifest that could not be stored is tried again after this
+_TAKE_WAIT_S = 0.5  # longest block waiting for an ended batch, so `stop` is seen soon
 
 
 class Finisher:
-    """Consumes the ledger's `finished` list."""
+    """Handles the batches that ended: manifest, leaving the active set, webhook."""
 
     def __init__(self, ledger: Ledger, storage: Storage, settings: Settings) -> None:
         self.ledger = ledger
@@ -39,37 +40,32 @@ class Finisher:
         self.settings = settings
 
     def run(self, stop: threading.Event) -> None:
-        keys = self.ledger.keys
         recovered = False
         while not stop.is_set():
             try:
                 if not recovered:
                     self.recover()
                     recovered = True
-                # redis-py types the timeout as int; Redis takes fractional seconds.
-                timeout: Any = 0.5
-                raw = self.ledger.redis.blmove(
-                    keys.finished(), keys.finishing(), timeout, src="LEFT", dest="RIGHT"
-                )
-                if raw is None:
+                batch_id = self.ledger.loops.take_ended_batch(_TAKE_WAIT_S)
+                if batch_id is None:
                     continue
-                batch_id = raw.decode() if isinstance(raw, bytes) else str(raw)
                 try:
                     self.finish(batch_id)
                 except StorageError as e:
                     log.warning("batch %s: manifest not stored (%s); trying again", batch_id, e)
                     stop.wait(STORAGE_RETRY_S)
-                    self.ledger.redis.rpush(keys.finished(), batch_id)
-                self.ledger.redis.lrem(keys.finishing(), 1, batch_id)
+                    self.ledger.loops.put_back_ended_batch(batch_id)
+                    continue
+                self.ledger.loops.ended_batch_handled(batch_id)
             except redis.RedisError as e:
                 log.warning("finisher: redis unavailable (%s); retrying", e)
                 stop.wait(1.0)
 
     def recover(self) -> None:
-        """Hand back ids a previous finisher took but never completed."""
-        keys = self.ledger.keys
-        while self.ledger.redis.lmove(keys.finishing(), keys.finished(), "LEFT", "RIGHT"):
-            pass
+        """Hand back batches a previous finisher took but never completed."""
+        moved = self.ledger.loops.recover_ended_batches()
+        if moved:
+            log.info("finisher: %d ended batches handed back from a previous finisher", moved)
 
     def finish(self, batch_id: str) -> None:
         """Store the manifest, leave the active set, schedule the webhook."""
@@ -83,10 +79,7 @@ class Finisher:
             log.info("batch %s: retried before its end was handled; waiting for the next", batch_id)
             return
         key = write_manifest(self.ledger, self.storage, batch_id)
-        pipe = self.ledger.redis.pipeline(transaction=True)
-        pipe.hset(self.ledger.keys.batch(batch_id), "manifest", key)
-        pipe.zrem(self.ledger.keys.active_batches(), batch_id)
-        pipe.execute()
+        self.ledger.loops.mark_finished(batch_id, key)
         url = record.get("callback_url")
         if url:
             payload = summary(record) | {

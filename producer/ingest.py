@@ -26,11 +26,10 @@ from pydantic import ValidationError
 
 from producer.farm import ApiError, Farm
 from producer.schemas import Submitted
-from producer.submit import Submitted as Accepted
-from producer.submit import submit_batch
+from producer.submit import Accepted, submit_batch
 from shared.errors import InvalidJob
-from shared.jobs import DEFAULT_PRIORITY, BatchCreate, job_id_for
-from shared.keys import text as _s
+from shared.jobs import DEFAULT_PRIORITY, BatchCreate, check_callback_url, job_id_for
+from shared.problems import problems_from, summary
 
 __all__ = ["JSON", "NDJSON", "Options", "accept"]
 
@@ -149,7 +148,6 @@ async def accept(request: Request, farm: Farm, options: Options) -> JSONResponse
         if idem is not None:
             idem.abandon()
         raise
-    _activate(farm, accepted.batch_id)
     if idem is not None:
         idem.complete(accepted.batch_id, body.sha256.hexdigest(), len(accepted.job_ids))
     out = Submitted(batch_id=accepted.batch_id, job_ids=accepted.job_ids)
@@ -186,18 +184,8 @@ def _parse_json(raw: bytes) -> BatchCreate:
     try:
         return BatchCreate.model_validate_json(raw)
     except ValidationError as e:
-        problems = [
-            {
-                "field": ".".join(str(p) for p in err["loc"]) or None,
-                "message": err["msg"],
-                "value": err.get("input") if isinstance(err.get("input"), int | float) else None,
-            }
-            for err in e.errors(include_url=False)
-        ]
-        first = problems[0]
-        where = f"`{first['field']}`: " if first["field"] else ""
-        got = f" (got {first['value']!r})" if first["value"] is not None else ""
-        raise InvalidJob(f"{where}{first['message']}{got}", problems) from e
+        problems = problems_from(e.errors(include_url=False))
+        raise InvalidJob(summary(problems), problems) from e
 
 
 def _check_callback(farm: Farm, url: str | None) -> None:
@@ -209,11 +197,7 @@ def _check_callback(farm: Farm, url: str | None) -> None:
             "`callback_url`",
             [{"field": "callback_url", "message": "no webhook secret configured"}],
         )
-    if not re.match(r"^https?://[^\s]+$", url) or len(url) > 2000:
-        raise InvalidJob(
-            f"`callback_url` must be an http(s) URL of at most 2000 characters, got {url[:80]!r}",
-            [{"field": "callback_url", "message": "not an http(s) URL"}],
-        )
+    check_callback_url(url)  # a JSON body's was checked with it; a query's is checked here
 
 
 def _meta(priority: int, callback_url: str | None) -> dict[str, str]:
@@ -221,12 +205,6 @@ def _meta(priority: int, callback_url: str | None) -> dict[str, str]:
     if callback_url:
         meta["callback_url"] = callback_url
     return meta
-
-
-def _activate(farm: Farm, batch_id: str) -> None:
-    """Add the batch to the set of unfinished batches (queue positions are counted over it)."""
-    created_at = float(farm.ledger.batch(batch_id)["created_at"])
-    farm.redis.zadd(farm.ledger.keys.active_batches(), {batch_id: created_at})
 
 
 async def _replay(key: str, earlier: dict[str, str], body: _Body) -> JSONResponse:
@@ -260,29 +238,24 @@ class _Idempotency:
                 "Idempotency-Key must be 1 to 255 visible ASCII characters",
                 [{"field": "Idempotency-Key", "message": "malformed"}],
             )
-        self.redis = farm.redis
-        self.name = farm.ledger.keys.idempotency(scope, hashlib.sha256(key.encode()).hexdigest())
+        self.records = farm.ledger.idempotency
+        self.scope = scope
+        self.key_hash = hashlib.sha256(key.encode()).hexdigest()
         self.ttl_s = farm.settings.status_ttl_s
 
     def begin(self) -> dict[str, str] | None:
         """Claim the key; returns the earlier submission's record when it is taken."""
-        if self.redis.hsetnx(self.name, "state", "pending"):
-            self.redis.expire(self.name, _PENDING_TTL_S)
-            return None
-        raw = self.redis.hgetall(self.name)
-        return {_s(k): _s(v) for k, v in raw.items()} or {"state": "pending"}
+        return self.records.begin(self.scope, self.key_hash, _PENDING_TTL_S)
 
     def complete(self, batch_id: str, sha256: str, total: int) -> None:
-        mapping: dict[Any, Any] = {
-            "state": "done",
-            "batch_id": batch_id,
-            "sha256": sha256,
-            "total": total,
-        }
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self.name, mapping=mapping)
-        pipe.expire(self.name, self.ttl_s)
-        pipe.execute()
+        self.records.complete(
+            self.scope,
+            self.key_hash,
+            batch_id=batch_id,
+            sha256=sha256,
+            total=total,
+            ttl_s=self.ttl_s,
+        )
 
     def abandon(self) -> None:
-        self.redis.delete(self.name)
+        self.records.abandon(self.scope, self.key_hash)

@@ -34,10 +34,7 @@ from prometheus_client.core import (
 )
 
 from producer.capacity import model_capacity
-from shared.celery_app import model_queue
-from shared.keys import text as _s
-from shared.ledger import RENDER_BUCKETS_S, STATES
-from shared.ledger.workers import live_workers
+from shared.ledger import RENDER_BUCKETS_S
 
 if TYPE_CHECKING:
     from producer.farm import Farm
@@ -57,8 +54,7 @@ class FarmCollector:
 
     def __init__(self, farm: Farm) -> None:
         self.farm = farm
-        self.redis = farm.redis
-        self.keys = farm.ledger.keys
+        self.stats = farm.ledger.stats
 
     def collect(self) -> Iterator[Metric]:
         yield from self._jobs()
@@ -69,15 +65,7 @@ class FarmCollector:
         yield from self._capacity()
 
     def _jobs(self) -> Iterator[Metric]:
-        since = time.time() - self.farm.settings.status_ttl_s
-        ids = self.redis.zrangebyscore(self.keys.batches(), since, "+inf")
-        pipe = self.redis.pipeline(transaction=False)
-        for batch_id in ids:
-            pipe.hmget(self.keys.batch(_s(batch_id)), STATES)
-        totals = dict.fromkeys(STATES, 0)
-        for row in pipe.execute():
-            for state, value in zip(STATES, row, strict=True):
-                totals[state] += int(value or 0)
+        totals = self.stats.job_counts(since=time.time() - self.farm.settings.status_ttl_s)
         jobs = GaugeMetricFamily(
             "sdfarm_jobs", "Jobs of unexpired batches by state.", labels=["state"]
         )
@@ -87,7 +75,7 @@ class FarmCollector:
         yield GaugeMetricFamily(
             "sdfarm_active_batches",
             "Batches not yet ended.",
-            value=int(self.redis.zcard(self.keys.active_batches())),
+            value=self.stats.active_batch_count(),
         )
 
     def _queues(self) -> Iterator[Metric]:
@@ -101,43 +89,40 @@ class FarmCollector:
             "Chunks waiting in the model's Celery queue.",
             labels=["model"],
         )
-        pipe = self.redis.pipeline(transaction=False)
-        for model in models:
-            pipe.llen(model_queue(model))
-        for model, chunks in zip(models, pipe.execute(), strict=True):
+        for model, chunks in self.stats.broker_depths(models).items():
             queued.add_metric([model], depths.get(model, 0))
-            broker.add_metric([model], int(chunks))
+            broker.add_metric([model], chunks)
         yield queued
         yield broker
 
     def _render_histogram(self) -> Metric:
-        raw = {_s(k): _s(v) for k, v in self.redis.hgetall(self.keys.stats("render")).items()}
+        render = self.stats.render_histogram()
         buckets, running = [], 0
         for bound in [*(str(b) for b in RENDER_BUCKETS_S), "+Inf"]:
-            running += int(raw.get(bound, 0))
+            running += render.counts.get(bound, 0)
             buckets.append((bound, running))
         histogram = HistogramMetricFamily(
             "sdfarm_render_seconds", "Seconds of a job's batched pass (text encoder, U-Net, VAE)."
         )
-        histogram.add_metric([], buckets, sum_value=float(raw.get("sum", 0.0)))
+        histogram.add_metric([], buckets, sum_value=render.sum_s)
         return histogram
 
     def _outcomes(self) -> Iterator[Metric]:
         finished = CounterMetricFamily(
             "sdfarm_jobs_finished", "Jobs that ended, by final state.", labels=["state"]
         )
-        for state, count in self._hash("outcomes").items():
-            finished.add_metric([state], int(count))
+        for state, count in self.stats.outcomes().items():
+            finished.add_metric([state], count)
         yield finished
         failures = CounterMetricFamily(
             "sdfarm_job_failures", "Jobs that failed, by reason.", labels=["reason"]
         )
-        for reason, count in self._hash("failures").items():
-            failures.add_metric([reason], int(count))
+        for reason, count in self.stats.failures().items():
+            failures.add_metric([reason], count)
         yield failures
 
     def _workers(self) -> Iterator[Metric]:
-        workers = live_workers(self.redis, self.keys)
+        workers = self.farm.ledger.workers.live()
         yield GaugeMetricFamily("sdfarm_workers", "Live workers.", value=len(workers))
         rate = GaugeMetricFamily(
             "sdfarm_worker_images_per_second",
@@ -184,6 +169,3 @@ class FarmCollector:
         yield workers
         yield rate
         yield drain
-
-    def _hash(self, name: str) -> dict[str, str]:
-        return {_s(k): _s(v) for k, v in self.redis.hgetall(self.keys.stats(name)).items()}

@@ -24,7 +24,14 @@ from producer.schemas import (
     errors,
     job_public,
 )
-from shared.jobs import MAX_PRIORITY, BatchCreate, JobSpec, JobState, is_batch_id
+from shared.jobs import (
+    MAX_CALLBACK_URL_CHARS,
+    MAX_PRIORITY,
+    BatchCreate,
+    JobSpec,
+    JobState,
+    is_batch_id,
+)
 
 __all__ = ["router"]
 
@@ -75,7 +82,11 @@ async def create_batch(
         Query(ge=0, le=MAX_PRIORITY, description="NDJSON only: 0-9, 9 most urgent (default 5)."),
     ] = None,
     callback_url: Annotated[
-        str | None, Query(max_length=2000, description="NDJSON only: POSTed when the batch ends.")
+        str | None,
+        Query(
+            max_length=MAX_CALLBACK_URL_CHARS,
+            description="NDJSON only: POSTed when the batch ends.",
+        ),
     ] = None,
 ) -> JSONResponse:
     options = ingest.Options(scope, idempotency_key, priority, callback_url)
@@ -91,7 +102,7 @@ def list_batches(
     """Batches, newest first."""
     records = f.ledger.batches_page(cursor, limit)  # expired ones are dropped, so maybe fewer
     batches = [_with_estimate(f, record) for record in records]
-    more = cursor + limit < f.redis.zcard(f.ledger.keys.batches())
+    more = cursor + limit < f.ledger.stats.batch_count()
     return BatchList(batches=batches, next_cursor=cursor + limit if more else None)
 
 

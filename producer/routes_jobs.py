@@ -11,7 +11,6 @@ from producer.capacity import unserved_note
 from producer.farm import GUARDED, ApiError, FarmDep
 from producer.schemas import JobCancelled, JobPublic, WorkersList, errors, job_public
 from shared.jobs import JobState, is_job_id
-from shared.ledger.workers import live_workers
 
 __all__ = ["router"]
 
@@ -68,7 +67,7 @@ def cancel_job(job_id: str, f: FarmDep) -> JobCancelled:
 @router.get("/v1/workers", response_model=WorkersList, tags=["workers"])
 def workers(f: FarmDep) -> WorkersList:
     """Live workers from their heartbeats, with images per second over the last minute."""
-    records = live_workers(f.redis, f.ledger.keys)
+    records = f.ledger.workers.live()
     for record in records:
         record["images_per_s"] = f.queue.worker_rate(record["worker_id"])
     return WorkersList.model_validate({"workers": records})

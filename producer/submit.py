@@ -6,7 +6,6 @@ Submitting is only ledger writes, pipelined; the dispatcher takes it from there.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -15,18 +14,21 @@ from typing import Any
 from pydantic import ValidationError
 
 from shared.config import Settings
-from shared.errors import InvalidJob
+from shared.errors import InvalidJob, StorageError, StorageRefused
 from shared.jobs import MAX_SEED, JobSpec, new_batch_id
 from shared.ledger import Ledger
+from shared.problems import problems_from
 
-__all__ = ["Submitted", "submit_batch", "validate_jobs"]
+__all__ = ["Accepted", "submit_batch", "validate_jobs"]
 
 log = logging.getLogger(__name__)
 _MAX_REPORTED = 20  # problems listed in one refusal; more would drown the first
 
 
 @dataclass(frozen=True)
-class Submitted:
+class Accepted:
+    """A batch written to the ledger: its id and its jobs' ids, in submission order."""
+
     batch_id: str
     job_ids: list[str]
 
@@ -60,7 +62,7 @@ def validate_jobs(job_dicts: Iterable[Mapping[str, Any]], settings: Settings) ->
         try:
             spec = JobSpec.model_validate(filled)
         except ValidationError as e:
-            problems.extend(_describe(index, e))
+            problems.extend({"job": index, **p} for p in problems_from(e.errors(include_url=False)))
             continue
         problem = _check_against_settings(spec, settings, known)
         if problem:
@@ -111,27 +113,6 @@ def _check_against_settings(
     return None
 
 
-def _describe(index: int, error: ValidationError) -> list[dict[str, Any]]:
-    out = []
-    for item in error.errors(include_url=False):
-        field = ".".join(str(part) for part in item["loc"]) or None
-        value = item.get("input")
-        # NaN and infinities are shown as text: JSON has no way to send them back (a 500 before).
-        finite = not isinstance(value, float) or math.isfinite(value)
-        number = isinstance(value, int | float | bool) and finite
-        shown = value if number or value is None else _short(value)
-        message = item["msg"]
-        if item["type"] == "literal_error" or item["type"] not in {"missing", "extra_forbidden"}:
-            message = f"{message} (got {shown!r})"
-        out.append({"job": index, "field": field, "value": shown, "message": message})
-    return out
-
-
-def _short(value: object) -> str:
-    text = repr(value) if not isinstance(value, str) else value
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 _MAX_KEYS_CHECKED = 100  # s3:// init images looked up at submit; the worker reports the rest
 
 
@@ -150,26 +131,22 @@ def _check_init_image_keys(specs: list[JobSpec], settings: Settings) -> None:
             "not S3; send the image as base64 data",
             [{"job": index, "field": "init_image", "message": "s3:// keys need S3 storage"}],
         )
-    from botocore.exceptions import BotoCoreError, ClientError
-
     from shared.storage import open_storage  # boto3 is only loaded when a job needs it
 
     storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
-    client = getattr(storage, "client", None)
     problems = []
     for ref, index in list(refs.items())[:_MAX_KEYS_CHECKED]:
-        bucket, _, key = ref.removeprefix("s3://").partition("/")
         try:
-            client.head_object(Bucket=bucket, Key=key)  # type: ignore[union-attr]
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "?")
-            if code not in {"404", "NoSuchKey", "NotFound", "403", "AccessDenied", "Forbidden"}:
-                log.warning("could not check init image %s at submit: %s", ref, e)
-                continue  # the store is failing: the worker reads it later, or says why not
-            message = f"init_image {ref} cannot be read by the farm ({code})"
-            problems.append({"job": index, "field": "init_image", "value": ref, "message": message})
-        except BotoCoreError as e:
+            if storage.exists_at(ref):
+                continue
+            why = "no such object"
+        except StorageRefused:
+            why = "the store refuses to show it"
+        except StorageError as e:
             log.warning("could not check init image %s at submit: %s", ref, e)
+            continue  # the store is failing: the worker reads it later, or says why not
+        message = f"init_image {ref} cannot be read by the farm ({why})"
+        problems.append({"job": index, "field": "init_image", "value": ref, "message": message})
     if problems:
         first = problems[0]
         raise InvalidJob(f"job {first['job']}, field `init_image`: {first['message']}", problems)
@@ -181,11 +158,11 @@ def submit_batch(
     job_dicts: Iterable[Mapping[str, Any]],
     *,
     meta: dict[str, str] | None = None,
-) -> Submitted:
+) -> Accepted:
     """Validate, then record every job as `queued`; nothing is written if any job is refused."""
     specs = validate_jobs(job_dicts, settings)
     _check_init_image_keys(specs, settings)
     batch_id = new_batch_id()
     job_ids = ledger.create_batch(batch_id, specs, meta=meta)
     log.info("batch %s: %d jobs queued", batch_id, len(job_ids))
-    return Submitted(batch_id=batch_id, job_ids=job_ids)
+    return Accepted(batch_id=batch_id, job_ids=job_ids)

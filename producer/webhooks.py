@@ -4,8 +4,8 @@ The body is JSON; `X-Sdfarm-Signature: sha256=<hex>` is the HMAC-SHA256 of the r
 farm's `webhook_secret`, so a receiver can check that the farm sent it (`verify`).
 `X-Sdfarm-Delivery` is the same on every retry of one delivery, so a receiver can drop repeats.
 
-Deliveries wait in a Redis sorted set scored by when they are due; a sender thread in each API
-process claims due ones with a compare-and-set that pushes their due time past the request
+Deliveries wait in the ledger's webhook queue (`shared.ledger.deliveries`) until they are due;
+a sender thread in each API process claims due ones there, each for longer than the request
 timeout, so a sender that dies mid-delivery leaves them to be tried again (at least once). A
 failed attempt is retried with exponential backoff until `webhook_max_attempts`. Nothing here
 runs on a worker, so a slow or dead receiver never holds up rendering.
@@ -19,7 +19,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from typing import Any
 
 import httpx
@@ -27,6 +26,7 @@ import redis
 
 from shared.config import Settings
 from shared.ledger import Ledger
+from shared.ledger.deliveries import Delivery
 
 __all__ = ["DELIVERY_HEADER", "SIGNATURE_HEADER", "WebhookSender", "enqueue", "sign", "verify"]
 
@@ -34,17 +34,8 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Sdfarm-Signature"
 DELIVERY_HEADER = "X-Sdfarm-Delivery"
-_CLAIM_BATCH = 10  # deliveries claimed per look at the set
-
-# Claim a due delivery: move its due time past this attempt, only if it is (still) due.
-_CLAIM = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) <= tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-  return 1
-end
-return 0
-"""
+_CLAIM_BATCH = 10  # deliveries claimed per look at the queue
+_CLAIM_SLACK_S = 30  # a claim outlasts the request timeout by this, so one attempt is never two
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -59,24 +50,8 @@ def verify(secret: str, body: bytes, signature: str) -> bool:
 
 def enqueue(ledger: Ledger, batch_id: str, url: str, summary: dict[str, Any]) -> str:
     """Schedule a delivery of `summary` to `url` now; returns the delivery id."""
-    delivery_id = uuid.uuid4().hex
-    member = json.dumps(
-        {
-            "id": delivery_id,
-            "batch_id": batch_id,
-            "url": url,
-            "body": json.dumps(summary, separators=(",", ":")),
-            "attempt": 0,
-        }
-    )
-    pipe = ledger.redis.pipeline(transaction=True)
-    pipe.zadd(ledger.keys.webhooks(), {member: time.time()})
-    pipe.hset(
-        ledger.keys.batch(batch_id),
-        mapping={"webhook_state": "pending", "webhook_attempts": 0, "webhook_error": ""},
-    )
-    pipe.execute()
-    return delivery_id
+    body = json.dumps(summary, separators=(",", ":"))
+    return ledger.webhooks.enqueue(batch_id, url, body).delivery_id
 
 
 class WebhookSender:
@@ -93,7 +68,6 @@ class WebhookSender:
         self.ledger = ledger
         self.settings = settings
         self.poll_s = poll_s
-        self._claim = ledger.redis.register_script(_CLAIM)
         self._transport = transport
 
     def run(self, stop: threading.Event) -> None:
@@ -111,54 +85,42 @@ class WebhookSender:
     def deliver_due(self, http: httpx.Client) -> int:
         """Try every delivery that is due now; returns how many were tried."""
         now = time.time()
-        key = self.ledger.keys.webhooks()
-        due = self.ledger.redis.zrangebyscore(key, "-inf", now, start=0, num=_CLAIM_BATCH)
         tried = 0
-        hold_until = now + self.settings.webhook_timeout_s + 30
-        for member in due:
-            assert isinstance(member, bytes | str)
-            if self._claim(keys=[key], args=[member, now, hold_until]):
-                self._attempt(http, member)
+        hold_until = now + self.settings.webhook_timeout_s + _CLAIM_SLACK_S
+        for delivery in self.ledger.webhooks.due(now, _CLAIM_BATCH):
+            if self.ledger.webhooks.claim(delivery, now, hold_until):
+                self._attempt(http, delivery)
                 tried += 1
         return tried
 
-    def _attempt(self, http: httpx.Client, member: bytes | str) -> None:
-        delivery = json.loads(member)
-        body = delivery["body"].encode()
-        batch_id, attempt = delivery["batch_id"], delivery["attempt"] + 1
+    def _attempt(self, http: httpx.Client, delivery: Delivery) -> None:
+        body = delivery.body.encode()
+        batch_id, attempt = delivery.batch_id, delivery.attempts + 1
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "sdfarm-webhook/1",
             SIGNATURE_HEADER: sign(self.settings.webhook_secret or "", body),
-            DELIVERY_HEADER: delivery["id"],
+            DELIVERY_HEADER: delivery.delivery_id,
         }
         error = ""
         try:
-            response = http.post(delivery["url"], content=body, headers=headers)
+            response = http.post(delivery.url, content=body, headers=headers)
             if not 200 <= response.status_code < 300:
                 error = f"the receiver answered HTTP {response.status_code}"
         except httpx.HTTPError as e:
             error = f"{type(e).__name__}: {e}"
-        key = self.ledger.keys.webhooks()
-        pipe = self.ledger.redis.pipeline(transaction=True)
-        pipe.zrem(key, member)
-        fields: dict[Any, Any] = {
-            "webhook_attempts": attempt,
-            "webhook_error": error[:300],
-        }
         if not error:
-            fields |= {"webhook_state": "delivered", "webhook_delivered_at": repr(time.time())}
-            log.info("batch %s: webhook delivered to %s", batch_id, delivery["url"])
+            self.ledger.webhooks.record_attempt(delivery)
+            log.info("batch %s: webhook delivered to %s", batch_id, delivery.url)
         elif attempt >= self.settings.webhook_max_attempts:
-            fields["webhook_state"] = "failed"
+            self.ledger.webhooks.record_attempt(delivery, error=error)
             log.warning("batch %s: webhook gave up after %d attempts: %s", batch_id, attempt, error)
         else:
             delay = min(
                 self.settings.webhook_backoff_max_s,
                 self.settings.webhook_backoff_s * 2 ** (attempt - 1),
             )
-            fields["webhook_state"] = "retrying"
-            pipe.zadd(key, {json.dumps({**delivery, "attempt": attempt}): time.time() + delay})
+            self.ledger.webhooks.record_attempt(delivery, error=error, retry_at=time.time() + delay)
             log.warning(
                 "batch %s: webhook attempt %d failed (%s); next in %.1fs",
                 batch_id,
@@ -166,5 +128,3 @@ class WebhookSender:
                 error,
                 delay,
             )
-        pipe.hset(self.ledger.keys.batch(batch_id), mapping=fields)
-        pipe.execute()

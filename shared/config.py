@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     # Chunks whose images wait to be stored while the next chunk renders (worker/output.py):
     # one hides a chunk's PNG encoding and upload behind the next render; more only hold memory.
     output_depth: int = Field(default=1, ge=1, le=8)
-    # Speed levers a worker pulls at model load; worker/accel.py says why each is set so.
+    # Speed levers a worker pulls on each model at start; worker/levers.py says why each is set so.
     # torch.compile the U-Net and warm it up at start (`sdfarm worker --compile`).
     compile_unet: bool = False
     # Sizes (`WxH,...`) the compiled U-Net is warmed up for, at every pass size to max_batch.

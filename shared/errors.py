@@ -16,15 +16,18 @@
     └── FarmUnreachable       (retryable)  the API or Redis cannot be reached
 
 Each class says whether retrying the same work may succeed (`retryable`), so that the worker and
-the client decide retries from the error's type, not from its message.
+the client decide retries from the error's type, not from its message; and which `FailureReason`
+a job that it ends gets, which the ledger records at the transition and /metrics counts.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 __all__ = [
     "AccessDenied",
+    "FailureReason",
     "FarmUnreachable",
     "IllegalTransition",
     "InvalidJob",
@@ -41,14 +44,29 @@ __all__ = [
 ]
 
 
+class FailureReason(enum.StrEnum):
+    """Why a job ended `failed` or `cancelled`: a bounded label, recorded at the transition."""
+
+    WORKER_LOST = "worker_lost"  # its lease lapsed: the worker died, froze or lost Redis
+    STORAGE = "storage"  # its image (or init image) could not be stored or read
+    RENDER_FAILED = "render_failed"  # the sampling loop failed for it
+    OUT_OF_MEMORY = "out_of_memory"  # even a pass of one row did not fit
+    INVALID_INPUT = "invalid_input"  # its spec or init image cannot be used
+    CANCELLED = "cancelled"  # someone asked
+    OTHER = "other"
+
+
 class SdfarmError(Exception):
     """Base of every error sdfarm raises on purpose."""
 
     retryable: bool = False
+    reason: FailureReason = FailureReason.OTHER
 
 
 class InvalidJob(SdfarmError):
     """A job spec or request that breaks a rule; the message names the field and what is allowed."""
+
+    reason = FailureReason.INVALID_INPUT
 
     def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
@@ -78,15 +96,20 @@ class WorkerSetupError(SdfarmError):
 class RenderCancelled(SdfarmError):
     """The job was cancelled while it rendered; raised from the per-step callback."""
 
+    reason = FailureReason.CANCELLED
+
 
 class RenderFailed(SdfarmError):
     """The sampling loop failed for a job in a way that retrying will not fix."""
+
+    reason = FailureReason.RENDER_FAILED
 
 
 class StorageError(SdfarmError):
     """The object store failed or timed out; the work is handed back and retried later."""
 
     retryable = True
+    reason = FailureReason.STORAGE
 
 
 class StorageRefused(StorageError):

@@ -13,7 +13,7 @@ import io
 import math
 import re
 import secrets
-from typing import Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -21,21 +21,27 @@ from pydantic import (
     Field,
     Strict,
     StringConstraints,
+    TypeAdapter,
+    ValidationError,
     ValidationInfo,
     field_validator,
 )
 
 from shared.errors import InvalidJob
+from shared.samplers import SAMPLER_IDS, sampler_help
 
 __all__ = [
     "DEFAULT_PRIORITY",
+    "MAX_CALLBACK_URL_CHARS",
     "MAX_PRIORITY",
     "SCHEDULERS",
     "TERMINAL_STATES",
     "BatchCreate",
+    "CallbackUrl",
     "JobSpec",
     "JobState",
     "batch_of",
+    "check_callback_url",
     "compat_key",
     "init_image_bytes",
     "is_batch_id",
@@ -44,21 +50,12 @@ __all__ = [
     "new_batch_id",
 ]
 
-# Sampler names a job may ask for; the worker maps each to a diffusers scheduler class
-# (worker/schedulers.py) and the PNG metadata to A1111's name (shared/metadata.py).
-SchedulerName = Literal[
-    "lms",
-    "euler",
-    "euler_a",
-    "heun",
-    "ddim",
-    "pndm",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "unipc",
-    "dpmpp_sde",
-]
-SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
+# Sampler names a job may ask for, from the one table of samplers (shared/samplers.py).
+SCHEDULERS: tuple[str, ...] = SAMPLER_IDS
+if TYPE_CHECKING:
+    SchedulerName = str  # a Literal of the table's ids, which a type checker cannot compute
+else:
+    SchedulerName = Literal[SCHEDULERS]  # pydantic names every allowed id when it refuses one
 DEFAULT_STRENGTH = 0.75  # img2img's strength when a job gives none (A1111's default)
 MAX_INIT_IMAGE_CHARS = 16_000_000  # base64 of a ~12 MB PNG; larger images belong in S3
 MAX_INIT_IMAGE_SIDE = 4096  # pixels; bigger headers are refused before any decoding
@@ -90,7 +87,7 @@ class JobSpec(BaseModel):
     prompt: Prompt = Field(min_length=1, description="What to draw.")
     negative_prompt: Prompt = Field(default="", description="What to steer away from.")
     model: str | None = Field(default=None, description="A configured model name.")
-    scheduler: SchedulerName = Field(default="lms", description="Sampler name.")
+    scheduler: SchedulerName = Field(default="lms", description=f"Sampler: {sampler_help()}.")
     steps: int = Field(default=30, ge=1, le=MAX_STEPS, description="Denoising steps.")
     guidance: float = Field(default=7.5, ge=1.0, le=30.0, description="Classifier-free guidance.")
     width: int = Field(default=512, ge=64, le=MAX_SIDE, description="Pixels, a multiple of 8.")
@@ -180,9 +177,25 @@ class JobSpec(BaseModel):
         """img2img's strength, the default when the job gave none."""
         return DEFAULT_STRENGTH if self.strength is None else self.strength
 
-    def params_text(self) -> str:
-        """Short human form, for logs and tables."""
-        return f"{self.width}x{self.height} {self.steps} steps {self.scheduler} cfg {self.guidance}"
+
+MAX_CALLBACK_URL_CHARS = 2000
+# A batch's callback URL: the one rule, for a JSON body's field and an NDJSON submission's query.
+CallbackUrl = Annotated[
+    str, StringConstraints(max_length=MAX_CALLBACK_URL_CHARS, pattern=r"^https?://[^\s]+$")
+]
+_CALLBACK_URL: TypeAdapter[str] = TypeAdapter(CallbackUrl)
+
+
+def check_callback_url(url: str) -> str:
+    """`url` if it is a `CallbackUrl`; else InvalidJob saying what one looks like."""
+    try:
+        return _CALLBACK_URL.validate_python(url)
+    except ValidationError as e:
+        raise InvalidJob(
+            f"`callback_url` must be an http(s) URL of at most {MAX_CALLBACK_URL_CHARS} "
+            f"characters, got {url[:80]!r}",
+            [{"field": "callback_url", "message": "not an http(s) URL"}],
+        ) from e
 
 
 class BatchCreate(BaseModel):
@@ -199,10 +212,8 @@ class BatchCreate(BaseModel):
         le=MAX_PRIORITY,
         description="0-9; 9 is the most urgent: higher-priority work is picked first.",
     )
-    callback_url: str | None = Field(
+    callback_url: CallbackUrl | None = Field(
         default=None,
-        max_length=2000,
-        pattern=r"^https?://[^\s]+$",
         description="POSTed the batch summary (signed, X-Sdfarm-Signature) when the batch ends.",
     )
 
@@ -248,6 +259,11 @@ def _image_size(data: bytes) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(
             f"init_image is not a PNG or JPEG image ({len(data)} bytes decoded)"
+        ) from e
+    except Image.DecompressionBombError as e:  # a header claiming billions of pixels
+        raise ValueError(
+            f"init_image claims more pixels than {MAX_INIT_IMAGE_SIDE}x{MAX_INIT_IMAGE_SIDE}, "
+            f"the most allowed ({e})"
         ) from e
     if max(size) > MAX_INIT_IMAGE_SIDE:
         raise ValueError(

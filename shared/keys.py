@@ -27,7 +27,7 @@ class Keys:
         return f"{self.prefix}:batches"  # zset batch id -> created_at, newest last
 
     # Pending work (see `shared.pending`): one list of job ids per (compat key,
-    # batch), indexed three ways. Lua builds the same names (`shared.lua`); keep them in step.
+    # batch), indexed three ways. The Lua scripts build these names from these methods.
 
     def pending_jobs(self, compat: str, batch_id: str) -> str:
         return f"{self.prefix}:pending:{compat}:{batch_id}"  # list: the batch's queued job ids

@@ -11,22 +11,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from shared.jobs import DEFAULT_STRENGTH
+from shared.samplers import SAMPLERS
 
 __all__ = ["SAMPLER_LABELS", "encode_png", "infotext", "read_png_metadata"]
 
 # A1111's names for each sampler, so tools that read `parameters` recognise them.
-SAMPLER_LABELS: dict[str, str] = {
-    "lms": "LMS",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "heun": "Heun",
-    "ddim": "DDIM",
-    "pndm": "PLMS",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "unipc": "UniPC",
-    "dpmpp_sde": "DPM++ SDE",
-}
+SAMPLER_LABELS: dict[str, str] = {s.id: s.label for s in SAMPLERS}
 
 
 def infotext(spec: dict[str, Any], *, model_name: str, model_hash: str | None = None) -> str:

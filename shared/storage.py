@@ -11,26 +11,39 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from shared.errors import StorageError, StorageRefused
 
-__all__ = ["FileStorage", "S3Storage", "Storage", "image_key", "open_storage", "probe_key"]
+__all__ = [
+    "FileStorage",
+    "S3Storage",
+    "Storage",
+    "image_key",
+    "is_missing",
+    "open_storage",
+    "probe_key",
+]
 
 log = logging.getLogger(__name__)
 
 PROBE_FOLDER = ".sdfarm-probe"  # `check` writes (and removes) one small object here
 # S3 error codes that mean the store answered and said no: only a configuration change helps.
+# A HEAD request's answer has no body, so its code is the bare HTTP status ("403").
 REFUSALS = frozenset(
     {
+        "403",
         "AccessDenied",
         "AllAccessDisabled",
+        "Forbidden",
         "InvalidAccessKeyId",
         "InvalidBucketName",
         "NoSuchBucket",
         "SignatureDoesNotMatch",
     }
 )
+# S3 error codes that mean there is no such object (a HEAD says "404", a GET "NoSuchKey").
+MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
 
 
 def _key(prefix: str, *parts: str) -> str:
@@ -45,16 +58,39 @@ def probe_key(prefix: str, name: str) -> str:
     return _key(prefix, PROBE_FOLDER, name)
 
 
+def _error_code(error: BaseException) -> str | None:
+    code = getattr(error, "response", {}).get("Error", {}).get("Code")
+    return None if code is None else str(code)
+
+
+def is_missing(error: BaseException) -> bool:
+    """Does this S3 (botocore) error say that there is no such object?"""
+    return _error_code(error) in MISSING
+
+
 class Storage(Protocol):
-    """What the farm needs from an object store."""
+    """What the farm needs from an object store.
+
+    `get`, `exists` and `put` take keys of the farm's own store (under `prefix`); `get_at` and
+    `exists_at` take a full address as `describe` writes it (`s3://bucket/key`, in any bucket
+    the store's credentials reach: an img2img job's init image). Each raises StorageRefused
+    when the store answers and refuses, StorageError when it fails.
+    """
 
     prefix: str
+    scheme: str  # of the addresses `describe` writes and `get_at` reads: "s3" or "file"
 
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
 
     def get(self, key: str) -> bytes: ...
 
     def exists(self, key: str) -> bool: ...
+
+    def get_at(self, address: str) -> bytes | None:
+        """The object at a full address, or None when there is none."""
+        ...
+
+    def exists_at(self, address: str) -> bool: ...
 
     def url(self, key: str, expires_s: int) -> str | None:
         """A short-lived URL for the object, or None when the store has none (file://)."""
@@ -72,6 +108,8 @@ class Storage(Protocol):
 
 class S3Storage:
     """Any S3-compatible store through boto3 (AWS, MinIO, SeaweedFS)."""
+
+    scheme = "s3"
 
     def __init__(
         self,
@@ -137,16 +175,30 @@ class S3Storage:
         return body
 
     def exists(self, key: str) -> bool:
+        return self.exists_at(self.describe(key))
+
+    def get_at(self, address: str) -> bytes | None:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        bucket, key = _bucket_and_key(address)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+            body: bytes = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError) as e:
+            if is_missing(e):
+                return None
+            raise _s3_error(f"could not read {address}", e) from e
+        return body
+
+    def exists_at(self, address: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = _bucket_and_key(address)
+        try:
+            self.client.head_object(Bucket=bucket, Key=key)
+        except (BotoCoreError, ClientError) as e:
+            if is_missing(e):
                 return False
-            raise _s3_error(f"could not check s3://{self.bucket}/{key}", e) from e
-        except BotoCoreError as e:
-            raise StorageError(f"could not check s3://{self.bucket}/{key}: {e}") from e
+            raise _s3_error(f"could not check {address}", e) from e
         return True
 
     def url(self, key: str, expires_s: int) -> str | None:
@@ -161,6 +213,8 @@ class S3Storage:
 
 class FileStorage:
     """A local directory; writes are atomic (temp file, then rename)."""
+
+    scheme = "file"
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -192,6 +246,23 @@ class FileStorage:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def get_at(self, address: str) -> bytes | None:
+        key = self._key_of(address)
+        return self.get(key) if self.exists(key) else None
+
+    def exists_at(self, address: str) -> bool:
+        return self.exists(self._key_of(address))
+
+    def _key_of(self, address: str) -> str:
+        """The key of a `file://` address under this directory (what `describe` writes)."""
+        parsed = urlparse(address)
+        if parsed.scheme != "file":
+            raise ValueError(f"a file store reads file:// addresses under {self.root}: {address}")
+        path = Path(unquote(parsed.path)).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise StorageError(f"{address} is outside {self.root}")
+        return str(path.relative_to(self.root.resolve()))
+
     def check(self, name: str) -> None:
         key = probe_key(self.prefix, name)
         try:
@@ -207,9 +278,17 @@ class FileStorage:
         return self._path(key).as_uri()
 
 
+def _bucket_and_key(address: str) -> tuple[str, str]:
+    # Split by hand, not with urlparse: a key may hold "#" or "?", which are not URL parts here.
+    bucket, _, key = address.removeprefix("s3://").partition("/")
+    if not address.startswith("s3://") or not bucket or not key:
+        raise ValueError(f"an S3 address looks like s3://bucket/key, not {address!r}")
+    return bucket, key
+
+
 def _s3_error(message: str, error: Exception) -> StorageError:
     """StorageRefused for an answer that only a configuration change can turn around."""
-    code = getattr(error, "response", {}).get("Error", {}).get("Code")
+    code = _error_code(error)
     if code in REFUSALS:
         return StorageRefused(f"{message}: the store refused ({code}): {error}")
     return StorageError(f"{message}: {error}")

@@ -22,6 +22,7 @@ import redis
 
 from producer.services import S3Service
 from shared.config import Settings
+from shared.errors import FailureReason
 from shared.jobs import JobState
 from shared.ledger import Ledger
 
@@ -55,12 +56,20 @@ class Api:
             time.sleep(0.05)
 
     def render_as_worker(
-        self, job_id: str, *, worker: str = "w-test", fail: str | None = None, seconds: float = 0.2
+        self,
+        job_id: str,
+        *,
+        worker: str = "w-test",
+        fail: str | None = None,
+        reason: FailureReason = FailureReason.RENDER_FAILED,
+        seconds: float = 0.2,
     ) -> None:
-        """Play a worker through the ledger: claim the job, then succeed (or fail) it."""
+        """Play a worker through the ledger: claim the job, then succeed (or fail, with `reason`
+        as its code, as a worker records it) it."""
         self.ledger.force(job_id, [JobState.QUEUED], JobState.RUNNING, {"worker": worker})
         if fail is not None:
-            self.ledger.force(job_id, [JobState.RUNNING], JobState.FAILED, {"error": fail})
+            fields = {"error": fail, "reason": reason.value}
+            self.ledger.force(job_id, [JobState.RUNNING], JobState.FAILED, fields)
             return
         result = {"key": f"x/{job_id}.png", "uri": f"s3://b/x/{job_id}.png", "bytes": 10}
         timings = {"text_encoder": 0.0, "unet": seconds, "vae": 0.0, "batch_rows": 1}

@@ -9,8 +9,9 @@ import pytest
 from pydantic import ValidationError
 
 from shared.config import Settings
-from worker.accel import Levers, render_in_passes, rows_per_pass
+from worker.levers import Levers
 from worker.models import LoadedModel, load_model
+from worker.passes import render_in_passes, rows_per_pass
 from worker.sampler import PassParams, Row, render_pass
 
 PARAMS = PassParams(steps=3, width=64, height=64)

@@ -33,7 +33,7 @@ from shared.errors import ModelLoadError
 
 __all__ = ["CHECKPOINT_SUFFIXES", "SHIPPED_CONFIGS", "SingleFile", "load_single_file"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
@@ -64,7 +64,7 @@ def _config_dir(path: Path, checkpoint: dict[str, torch.Tensor]) -> Path:
         yaml = path.with_suffix(".yaml")
         if yaml.is_file() and not _V_PARAMETERIZATION.search(yaml.read_text(errors="replace")):
             return SHIPPED_CONFIGS / "sd2-base"
-        logger.info("%s: SD 2.x text encoder; taken as the 768 v-prediction model", path.name)
+        log.info("%s: SD 2.x text encoder; taken as the 768 v-prediction model", path.name)
         return SHIPPED_CONFIGS / "sd2-v"
     raise ModelLoadError(
         f"{path} holds no SD 1.x (`{_SD1_TEXT}*`) or SD 2.x (`{_SD2_TEXT}*`) text encoder; "
@@ -115,7 +115,7 @@ def load_single_file(path: Path) -> SingleFile:
         str(path), local_files_only=True
     )
     config_dir = _config_dir(path, checkpoint)
-    logger.info("%s: configuration from %s", path.name, config_dir)
+    log.info("%s: configuration from %s", path.name, config_dir)
     tokenizer = _tokenizer(path, config_dir)
 
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))

@@ -1,6 +1,8 @@
 """Worker-side commands of `sdfarm`: `worker`, `render`, `model make-tiny`.
 
-Imported only when one of them runs (it pulls torch); `producer.cli` hands over the arguments.
+They reach `sdfarm` through the `sdfarm.commands` entry points in pyproject.toml (one function
+each, its docstring's first line the help), so `producer.cli` never imports this package. This
+module imports no torch at the top: the commands pull it in when they run.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 
 from shared.config import Settings, parse_models
 from shared.errors import InvalidJob, ModelLoadError, RenderFailed, WorkerSetupError
+from shared.samplers import sampler_help
 
-__all__ = ["main"]
+__all__ = ["main", "model_command", "render_command", "worker_command"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ def _render_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scheduler",
         default="lms",
-        help="lms, euler, euler_a, heun, ddim, pndm, dpmpp_2m, dpmpp_2m_karras, unipc, dpmpp_sde",
+        help=f"the sampler: {sampler_help()}",
     )
     p.add_argument("--init-image", type=Path, help="img2img: a PNG or JPEG of --width x --height")
     p.add_argument("--strength", type=float, help="img2img: (0, 1], how far to re-noise (0.75)")
@@ -109,7 +112,23 @@ def _model_parser() -> argparse.ArgumentParser:
     return p
 
 
+def worker_command(argv: Sequence[str]) -> int:
+    """Run a GPU worker process (or supervise one per GPU)."""
+    return main("worker", argv)
+
+
+def render_command(argv: Sequence[str]) -> int:
+    """Render one image in-process, with the worker's code."""
+    return main("render", argv)
+
+
+def model_command(argv: Sequence[str]) -> int:
+    """Model tools (make-tiny)."""
+    return main("model", argv)
+
+
 def main(command: str, argv: Sequence[str]) -> int:
+    """Run one worker command on its arguments; returns the exit code."""
     try:
         if command == "worker":
             return _worker(_worker_parser().parse_args(argv), argv)
@@ -172,6 +191,8 @@ def _render(args: argparse.Namespace) -> int:
 
     from shared.jobs import JobSpec
     from shared.metadata import encode_png
+    from shared.problems import problems_from
+    from worker.levers import Levers, apply_levers
     from worker.models import load_model
     from worker.rows import pass_params, row_for
     from worker.sampler import render_pass
@@ -202,11 +223,13 @@ def _render(args: argparse.Namespace) -> int:
             **img2img,
         )
     except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        option = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
-        raise InvalidJob(f"{option}: {first['msg']}") from e
+        problems = problems_from(e.errors(include_url=False))
+        first = problems[0]
+        option = "--" + str(first["field"]).replace(".", "-").replace("_", "-")
+        raise InvalidJob(f"{option}: {first['message']}", problems) from e
     row = row_for(spec)
     model = load_model(spec.model or "model", args.model, device=args.device)
+    apply_levers(model, Levers())  # a worker's default levers, so the image matches the farm's
     result = render_pass(model, [row], pass_params(spec))
     for warning in result.warnings[0]:
         print(f"warning: {warning}", file=sys.stderr)

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import io
 import logging
-from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from shared.errors import InvalidJob, StorageError
+from shared.errors import InvalidJob
 from shared.jobs import init_image_bytes
 from shared.storage import Storage
 
 __all__ = ["load_init_image", "read_init_image_bytes"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def read_init_image_bytes(value: str, storage: Storage | None) -> bytes:
@@ -35,36 +34,15 @@ def read_init_image_bytes(value: str, storage: Storage | None) -> bytes:
             return init_image_bytes(value)
         except ValueError as e:
             raise InvalidJob(str(e)) from e
-    parsed = urlparse(value)
-    bucket, key = parsed.netloc, parsed.path.lstrip("/")
-    own_bucket = getattr(storage, "bucket", None)
-    if storage is None or own_bucket is None:
+    if storage is None or storage.scheme != "s3":
         raise InvalidJob(
             f"init_image {value} cannot be read: this worker's storage is not S3, "
             "so send the image as base64 data"
         )
-    client = getattr(storage, "client", None)
-    if bucket != own_bucket and client is None:
-        raise InvalidJob(f"init_image {value}: only s3://{own_bucket}/... can be read here")
-    if bucket == own_bucket:
-        if not storage.exists(key):
-            raise InvalidJob(f"init_image {value} does not exist")
-        return storage.get(key)
-    return _read_other_bucket(client, bucket, key)
-
-
-def _read_other_bucket(client: object, bucket: str, key: str) -> bytes:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        body: bytes = client.get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[attr-defined]
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-            raise InvalidJob(f"init_image s3://{bucket}/{key} does not exist") from e
-        raise StorageError(f"could not read init_image s3://{bucket}/{key}: {e}") from e
-    except BotoCoreError as e:
-        raise StorageError(f"could not read init_image s3://{bucket}/{key}: {e}") from e
-    return body
+    data = storage.get_at(value)
+    if data is None:
+        raise InvalidJob(f"init_image {value} does not exist")
+    return data
 
 
 def load_init_image(data: bytes, width: int, height: int, *, resize: bool = False) -> np.ndarray:
@@ -80,6 +58,6 @@ def load_init_image(data: bytes, width: int, height: int, *, resize: bool = Fals
                 f"init_image is {rgb.size[0]}x{rgb.size[1]} but the job is {width}x{height}; "
                 "send an image of the job's size, or set resize_init to have it resized"
             )
-        logger.info("resizing an init image from %dx%d to %dx%d", *rgb.size, width, height)
+        log.info("resizing an init image from %dx%d to %dx%d", *rgb.size, width, height)
         rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
     return np.array(rgb, dtype=np.uint8)  # a writable copy: torch refuses read-only arrays

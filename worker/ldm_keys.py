@@ -21,7 +21,7 @@ from transformers import CLIPTextModel
 
 __all__ = ["write_single_file"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _RESNET = [
     ("in_layers.0", "norm1"),
@@ -140,5 +140,5 @@ def write_single_file(model_dir: Path, out: Path) -> Path:
     shutil.rmtree(config_dir, ignore_errors=True)
     shutil.copytree(model_dir, config_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     index = json.loads((config_dir / "model_index.json").read_text())
-    logger.info("wrote %s (%d tensors, %s) and its configs", out, len(state), index["_class_name"])
+    log.info("wrote %s (%d tensors, %s) and its configs", out, len(state), index["_class_name"])
     return out

@@ -23,12 +23,12 @@ from shared.celery_app import make_celery, model_queue
 from shared.config import Settings
 from shared.errors import StorageError, StorageRefused, WorkerSetupError
 from shared.ledger import Ledger
-from shared.ledger.workers import publish_heartbeat
 from shared.storage import Storage, open_storage
-from worker.accel import Levers
-from worker.chunk import WorkerContext
+from worker.context import WorkerContext
+from worker.levers import Levers, apply_levers
 from worker.models import LoadedModel, load_model
 from worker.output import OutputPipeline
+from worker.passes import warm_up
 from worker.tasks import register_tasks
 
 __all__ = ["load_models", "run_worker"]
@@ -39,11 +39,20 @@ log = logging.getLogger(__name__)
 def load_models(
     models: dict[str, str], device: str, levers: Levers | None = None
 ) -> dict[str, LoadedModel]:
-    """Load every model before taking work, so a bad path fails the start, not the first job."""
+    """Load every model before taking work, so a bad path fails the start, not the first job.
+
+    Each model is loaded, gets its speed levers (worker/levers.py) and, when its U-Net is
+    compiled, renders every pass size once, so that no job waits for a compile.
+    """
+    levers = levers or Levers()
     loaded = {}
     for name, path in models.items():
         log.info("loading model %s from %s on %s", name, path, device)
-        loaded[name] = load_model(name, path, device=device, levers=levers)
+        model = load_model(name, path, device=device)
+        apply_levers(model, levers)
+        if levers.compile_unet:
+            warm_up(model, levers)
+        loaded[name] = model
     return loaded
 
 
@@ -77,22 +86,27 @@ def run_worker(
     loaded = load_models(models, device, Levers.from_settings(settings))
     client = redis.Redis.from_url(settings.redis_url)
     ledger = Ledger(client, status_ttl_s=settings.status_ttl_s, lease_s=settings.lease_s)
+    # Stores chunk k while chunk k+1 renders; closed (drained) below, before the process ends.
+    output = OutputPipeline(settings.output_depth)
     ctx = WorkerContext(
-        settings=settings, ledger=ledger, storage=storage, models=loaded, worker_id=worker_id
+        settings=settings,
+        ledger=ledger,
+        storage=storage,
+        models=loaded,
+        worker_id=worker_id,
+        output=output,
     )
-    app = make_celery(settings)
-    register_tasks(app, ctx)
-    worker_shutting_down.connect(_shutdown_deadline(ctx), weak=False)
     stop = threading.Event()
-    beat = threading.Thread(
-        target=_heartbeat, args=(ctx, device, stop), name="heartbeat", daemon=True
-    )
-    beat.start()
-    queues = [model_queue(name) for name in loaded]
-    log.info("worker %s serving %s on %s", worker_id, ", ".join(loaded), device)
     try:
-        # Stores chunk k while chunk k+1 renders; closed (drained) below, before the process ends.
-        ctx.output = OutputPipeline(settings.output_depth)
+        app = make_celery(settings)
+        register_tasks(app, ctx)
+        worker_shutting_down.connect(_shutdown_deadline(ctx), weak=False)
+        beat = threading.Thread(
+            target=_heartbeat, args=(ctx, device, stop), name="heartbeat", daemon=True
+        )
+        beat.start()
+        queues = [model_queue(name) for name in loaded]
+        log.info("worker %s serving %s on %s", worker_id, ", ".join(loaded), device)
         worker = app.Worker(
             hostname=f"{worker_id}@{socket.gethostname()}",
             pool="solo",
@@ -106,10 +120,9 @@ def run_worker(
         )
         worker.start()
     finally:
-        if ctx.output is not None:
-            ctx.output.close()
+        output.close()
         stop.set()
-        client.delete(ledger.keys.worker(worker_id))
+        ledger.workers.forget(worker_id)
 
 
 def _shutdown_deadline(ctx: WorkerContext) -> Any:
@@ -117,8 +130,8 @@ def _shutdown_deadline(ctx: WorkerContext) -> Any:
 
     def receiver(**_: Any) -> None:
         # Runs inside a signal handler: only set a field; the sampling loop reads it each step.
-        if ctx.stop_by is None:
-            ctx.stop_by = time.monotonic() + ctx.settings.shutdown_grace_s
+        if ctx.state.stop_by is None:
+            ctx.state.stop_by = time.monotonic() + ctx.settings.shutdown_grace_s
 
     return receiver
 
@@ -134,13 +147,8 @@ def _heartbeat(ctx: WorkerContext, device: str, stop: threading.Event) -> None:
     interval = ctx.settings.worker_ttl_s / 3
     while True:
         try:
-            publish_heartbeat(
-                ctx.ledger.redis,
-                ctx.ledger.keys,
-                ctx.worker_id,
-                {**record, "current": ctx.current, "images_done": ctx.images_done},
-                ctx.settings.worker_ttl_s,
-            )
+            state = {"current": ctx.state.current, "images_done": ctx.state.images_done}
+            ctx.ledger.workers.publish(ctx.worker_id, record | state, ctx.settings.worker_ttl_s)
         except redis.RedisError as e:
             log.warning("worker %s: heartbeat failed: %s", ctx.worker_id, e)
         if stop.wait(interval):

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -26,12 +26,9 @@ from transformers.utils import logging as hf_logging
 from shared.errors import ModelLoadError
 from worker.checkpoints import CHECKPOINT_SUFFIXES, load_single_file
 
-if TYPE_CHECKING:
-    from worker.accel import Levers
-
 __all__ = ["COMPONENTS", "LoadedModel", "load_model", "model_hash", "quiet_hf_progress_bars"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # The sub-folders of a diffusers Stable Diffusion model that the sampling loop uses.
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
@@ -136,12 +133,12 @@ def load_model(
     path: str,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
-    levers: Levers | None = None,
 ) -> LoadedModel:
     """Load the model folder or single-file checkpoint at `path` onto `device`, for inference.
 
     `dtype` defaults to float16 on CUDA (as SD is usually run) and float32 elsewhere, where
     half precision is slow or unsupported. Raises ModelLoadError naming the part that failed.
+    The speed levers are the caller's to pull on the result (`worker.levers.apply_levers`).
     """
     root = Path(path)
     single_file = root.is_file() and root.suffix in CHECKPOINT_SUFFIXES
@@ -195,11 +192,7 @@ def load_model(
         dtype=dtype,
         model_hash=short_hash,
     )
-    # Imported here: worker.accel builds on the sampler, which imports this module.
-    from worker.accel import Levers, apply_levers
-
-    apply_levers(model, levers or Levers())  # CUDA speed levers; compile when asked (accel.py)
-    logger.info(
+    log.info(
         "model %s loaded from %s on %s (%s, %s, hash %s) in %.1f s",
         name,
         root,

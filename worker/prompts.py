@@ -24,7 +24,7 @@ from worker.models import LoadedModel
 
 __all__ = ["CHUNK_TOKENS", "EncodedRow", "encode_rows"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 CHUNK_TOKENS = 75  # prompt tokens CLIP reads between its start and end tokens
 
@@ -68,7 +68,7 @@ def encode_rows(model: LoadedModel, prompts: Sequence[tuple[str, str, str]]) -> 
             if mode != "chunk" and len(ids) > CHUNK_TOKENS
         ]
         for warning in row_warnings:
-            logger.info("row %d: %s", row, warning)  # the job record and the CLI show it
+            log.info("row %d: %s", row, warning)  # the job record and the CLI show it
         cond, uncond = _chunks(cond_ids, mode), _chunks(uncond_ids, mode)
         count = max(len(cond), len(uncond))
         cond += [[]] * (count - len(cond))

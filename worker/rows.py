@@ -1,18 +1,40 @@
-"""From a validated job spec to what the sampling loop takes: a Row, and the pass's PassParams.
+"""Step 2 of a chunk: from claimed jobs to what the sampling loop takes, a Row each.
 
-The farm's chunks (worker/chunk.py) and `sdfarm render` (worker/cli.py) both go through here, so a
-job renders with the same settings wherever it runs.
+The farm's chunks and `sdfarm render` (worker/cli.py) both go through `row_for` and
+`pass_params`, so a job renders with the same settings wherever it runs. `build_rows` does it for a
+whole chunk, so that a job whose init image cannot be read or used fails (or waits for the store)
+on its own while its neighbours render.
 """
 
 from __future__ import annotations
 
-from shared.errors import SdfarmError
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shared.errors import InvalidJob, SdfarmError
 from shared.jobs import JobSpec
 from shared.storage import Storage
+from worker.claim import Claimed
 from worker.init_images import load_init_image, read_init_image_bytes
 from worker.sampler import PassParams, Row
 
-__all__ = ["pass_params", "row_for"]
+__all__ = ["RowJob", "Unreadable", "build_rows", "pass_params", "row_for"]
+
+
+@dataclass(frozen=True)
+class RowJob:
+    """A claimed job and its row, ready to render."""
+
+    job: Claimed
+    row: Row
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A claimed job whose row could not be built, and why (InvalidJob, or a StorageError)."""
+
+    job: Claimed
+    error: SdfarmError
 
 
 def pass_params(spec: JobSpec) -> PassParams:
@@ -33,7 +55,7 @@ def row_for(spec: JobSpec, storage: Storage | None = None) -> Row:
     fails.
     """
     if spec.seed is None:
-        raise SdfarmError("job reached a worker without a seed; seeds are fixed at submit")
+        raise InvalidJob("job reached a worker without a seed; seeds are fixed at submit")
     init_image = None
     if spec.init_image is not None:
         data = read_init_image_bytes(spec.init_image, storage)
@@ -46,3 +68,17 @@ def row_for(spec: JobSpec, storage: Storage | None = None) -> Row:
         init_image=init_image,
         long_prompt=spec.long_prompt,
     )
+
+
+def build_rows(jobs: Sequence[Claimed], storage: Storage) -> tuple[list[RowJob], list[Unreadable]]:
+    """Every job's row; the jobs whose row cannot be built come back apart, with the error."""
+    ready, unreadable = [], []
+    for job in jobs:
+        try:
+            ready.append(RowJob(job, row_for(job.spec, storage)))
+        except SdfarmError as e:
+            unreadable.append(Unreadable(job, e))
+        except Exception as e:  # a decoder's own error (a decompression bomb...): this job's
+            error = InvalidJob(f"its init image cannot be used: {type(e).__name__}: {e}")
+            unreadable.append(Unreadable(job, error))
+    return ready, unreadable

@@ -36,7 +36,7 @@ from worker.vae import decode_latents, encode_images
 
 __all__ = ["PassParams", "PassResult", "Row", "render_pass"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ def render_pass(
         with _timed(timings, "vae", model.device):
             decoded = decode_latents(model, torch.stack([x for x in latents if x is not None]))
     warnings = [e.warnings + w for e, w in zip(encoded, decoded.warnings, strict=True)]
-    logger.debug(
+    log.debug(
         "pass of %d rows at %dx%d, %d steps of %s: %s",
         len(rows),
         params.width,

@@ -3,9 +3,9 @@
 A scheduler keeps state while it samples (LMS keeps its past derivatives), so every pass gets a
 new one. Its noise schedule and prediction type come from the model's scheduler_config.json,
 never from constants here, so SD 1.x (epsilon) and SD 2.x (v-prediction) models both sample right.
-What a name adds on top (Karras sigmas, the DPM-Solver++ variant) is set here, and the model's
-own choices of that kind are dropped first: `euler` is A1111's Euler whatever class the model
-folder was saved with.
+What a name adds on top (Karras sigmas, the DPM-Solver++ variant) is in its row of the sampler
+table (shared/samplers.py, with its class), and the model's own choices of that kind are dropped
+first: `euler` is A1111's Euler whatever class the model folder was saved with.
 
 Stochastic samplers draw their noise from each row's own CPU generator (euler_a) or from one
 Brownian tree per row seeded with the row's seed (dpmpp_sde, as A1111 does), always in float32 on
@@ -18,30 +18,14 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import diffusers
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSDEScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
+from diffusers import DPMSolverSDEScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from shared.metadata import SAMPLER_LABELS
+from shared.samplers import SAMPLERS
 
-__all__ = [
-    "SAMPLER_LABELS",
-    "SCHEDULERS",
-    "STOCHASTIC",
-    "img2img_timesteps",
-    "make_scheduler",
-    "step_kwargs",
-]
+__all__ = ["SCHEDULERS", "img2img_timesteps", "make_scheduler", "step_kwargs"]
 
 SchedulerFactory = Callable[[Mapping[str, Any]], SchedulerMixin]
 
@@ -65,7 +49,7 @@ VARIANT_KEYS = frozenset(
 )
 
 
-def _from(cls: Any, **variant: Any) -> SchedulerFactory:
+def _from(cls: type[SchedulerMixin], **variant: Any) -> SchedulerFactory:
     def build(config: Mapping[str, Any]) -> SchedulerMixin:
         schedule = {k: v for k, v in config.items() if k not in VARIANT_KEYS}
         scheduler: SchedulerMixin = cls.from_config(schedule, **variant)
@@ -74,28 +58,10 @@ def _from(cls: Any, **variant: Any) -> SchedulerFactory:
     return build
 
 
-# sdfarm name (shared/jobs.py SCHEDULERS) -> factory; A1111's label is in shared/metadata.py.
+# Each sampler of the table (shared/samplers.py) -> a factory of its diffusers scheduler class.
 SCHEDULERS: dict[str, SchedulerFactory] = {
-    "lms": _from(LMSDiscreteScheduler),
-    "euler": _from(EulerDiscreteScheduler),
-    "euler_a": _from(EulerAncestralDiscreteScheduler),
-    "heun": _from(HeunDiscreteScheduler),
-    "ddim": _from(DDIMScheduler),
-    # PLMS: SD's own shipped PNDM config skips the Runge-Kutta warm-up, as A1111's PLMS does.
-    "pndm": _from(PNDMScheduler, skip_prk_steps=True),
-    "dpmpp_2m": _from(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=2),
-    "dpmpp_2m_karras": _from(
-        DPMSolverMultistepScheduler,
-        algorithm_type="dpmsolver++",
-        solver_order=2,
-        use_karras_sigmas=True,
-    ),
-    "unipc": _from(UniPCMultistepScheduler),
-    "dpmpp_sde": _from(DPMSolverSDEScheduler),
+    s.id: _from(getattr(diffusers, s.scheduler_class), **s.options) for s in SAMPLERS
 }
-
-# Samplers that add fresh noise at every step.
-STOCHASTIC = frozenset({"euler_a", "dpmpp_sde"})
 
 
 def make_scheduler(name: str, scheduler_config: Mapping[str, Any]) -> SchedulerMixin:

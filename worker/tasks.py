@@ -10,7 +10,8 @@ from celery import Celery
 from shared.celery_app import RENDER_CHUNK
 from shared.errors import InvalidJob
 from shared.jobs import is_job_id
-from worker.chunk import WorkerContext, process_chunk
+from worker.chunk import process_chunk
+from worker.context import WorkerContext
 
 __all__ = ["register_tasks"]
 
@@ -29,7 +30,7 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
             raise InvalidJob(f"render_chunk needs a list of job ids, got {job_ids!r:.200}")
         if not isinstance(model, str):
             raise InvalidJob(f"render_chunk needs a model name, got {model!r:.100}")
-        ctx.ledger.redis.lpush(ctx.ledger.keys.wake(), "1")  # a queue slot opened: refill it
+        ctx.ledger.wake()  # a queue slot opened: refill it
         outcome = process_chunk(ctx, job_ids, model)
-        ctx.ledger.redis.lpush(ctx.ledger.keys.wake(), "1")
-        return {name: len(ids) for name, ids in vars(outcome).items()}
+        ctx.ledger.wake()
+        return outcome.counts()

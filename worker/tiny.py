@@ -24,7 +24,7 @@ from worker.tokenizer import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH, write_token
 
 __all__ = ["PREDICTION_TYPES", "make_tiny"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # "v_prediction" gives an SD 2.x-style model; LMS supports no other kind.
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -148,5 +148,5 @@ def make_tiny(dir: Path, *, seed: int = 0, prediction_type: str = "epsilon") -> 
     vae.save_pretrained(dir / "vae", safe_serialization=True)
     _scheduler(prediction_type).save_pretrained(dir / "scheduler")
     (dir / "model_index.json").write_text(json.dumps(_model_index(), indent=2) + "\n")
-    logger.info("wrote a tiny %s model (seed %d) to %s", prediction_type, seed, dir)
+    log.info("wrote a tiny %s model (seed %d) to %s", prediction_type, seed, dir)
     return dir

@@ -18,7 +18,7 @@ from pathlib import Path
 
 __all__ = ["BOS_TOKEN", "EOS_TOKEN", "MODEL_MAX_LENGTH", "write_tokenizer"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -173,4 +173,4 @@ def write_tokenizer(dir: Path, num_merges: int = 400) -> None:
     }
     (dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (dir / "special_tokens_map.json").write_text(json.dumps(special_tokens, indent=2) + "\n")
-    logger.debug("wrote a %d-token CLIP vocabulary to %s", len(vocab), dir)
+    log.debug("wrote a %d-token CLIP vocabulary to %s", len(vocab), dir)

@@ -24,7 +24,7 @@ from worker.models import LoadedModel
 
 __all__ = ["Decoded", "decode_latents", "encode_images"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 FP32_RETRY_WARNING = "vae decoded in fp32: the {dtype} decode gave {problem}"
 
@@ -94,7 +94,7 @@ def decode_latents(model: LoadedModel, latents: torch.Tensor) -> Decoded:
     bad = [i for i, problem in enumerate(problems) if problem]
     if bad and model.vae.dtype != torch.float32:
         dtype = str(model.vae.dtype).removeprefix("torch.")
-        logger.warning(
+        log.warning(
             "rows %s: %s VAE decode gave %s; decoding again in float32",
             bad,
             dtype,
@@ -119,5 +119,5 @@ def decode_latents(model: LoadedModel, latents: torch.Tensor) -> Decoded:
             else "the U-Net's latents are not finite (try float32, or another sampler)"
         )
         errors[i] = f"the VAE decode gave {problem} even in float32: {cause}"
-        logger.error("row %d: %s", i, errors[i])
+        log.error("row %d: %s", i, errors[i])
     return Decoded(images=images, warnings=warnings, errors=errors)

@@ -4,29 +4,30 @@
 - `records`: the typed records it reads (`JobRecord`, `BatchRecord`).
 - `scripts`: its Lua scripts, templated from `shared.keys` so key names cannot drift.
 - `pending`: the pending lanes and the dispatch policy's take.
-- `workers`: the worker registry (heartbeats with a TTL).
+- `workers`: the worker registry (heartbeats with a TTL); `Ledger.workers`.
+- `loops`: the dispatch lock and the ended-batch lists of the background loops; `Ledger.loops`.
+- `deliveries`: the webhook delivery queue; `Ledger.webhooks`.
+- `idempotency`: `Idempotency-Key` records of submissions; `Ledger.idempotency`.
+- `stats`: counts, depths and throughput for /metrics, ETAs and capacity; `Ledger.stats`.
+- `outcomes`: the counters a job's end moves (per state, per failure reason, render times).
+- `submit`: writing a new batch in pipelined slices and one transaction.
 """
 
 from __future__ import annotations
 
-from shared.ledger.core import (
-    RENDER_BUCKETS_S,
-    STATES,
-    THROUGHPUT_BUCKET_S,
-    THROUGHPUT_KEEP_S,
-    Chunk,
-    Ledger,
-    Transition,
-    failure_reason,
-)
+from shared.ledger.core import Ledger, Transition
+from shared.ledger.outcomes import RENDER_BUCKETS_S, THROUGHPUT_BUCKET_S, THROUGHPUT_KEEP_S
+from shared.ledger.pending import Chunk
+from shared.ledger.records import STATES, BatchRecord, JobRecord
 
 __all__ = [
     "RENDER_BUCKETS_S",
     "STATES",
     "THROUGHPUT_BUCKET_S",
     "THROUGHPUT_KEEP_S",
+    "BatchRecord",
     "Chunk",
+    "JobRecord",
     "Ledger",
     "Transition",
-    "failure_reason",
 ]

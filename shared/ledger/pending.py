@@ -66,7 +66,7 @@ class Take:
     """One take: a chunk, or nothing; `hold_until` is when a group held for more jobs is due."""
 
     chunk: Chunk | None
-    hold_until: float | None = None
+    hold_until: float | None = None  # on the caller's clock (time.time())
 
 
 def parse_priority(meta: Mapping[str, Any] | None) -> int:
@@ -114,13 +114,15 @@ def queue_pending(
 def take_chunk(script: Script, keys: Keys, model: str, max_batch: int, wait_s: float) -> Take:
     """Run TAKE_CHUNK; go on while it only skipped cancelled ids, so they never stall a model."""
     for _ in range(_SKIP_ROUNDS):
-        out = script(args=[keys.prefix, model, max_batch, repr(time.time()), wait_s])
-        compat, due, skipped = _s(out[0]), _s(out[1]), int(out[2])
+        out = script(args=[keys.prefix, model, max_batch, wait_s])
+        compat, due_in, skipped = _s(out[0]), _s(out[1]), int(out[2])
         ids = [_s(v) for v in out[3:]]
         if ids:
             return Take(Chunk(model=model, compat=compat, job_ids=ids))
         if not skipped:
-            return Take(None, float(due) if due else None)
+            # The script waits by Redis's clock and says how long is left: due on this host's
+            # clock is now plus that, whatever the two clocks read.
+            return Take(None, time.time() + float(due_in) if due_in else None)
     return Take(None)
 
 

@@ -1,4 +1,8 @@
-"""The worker registry: each worker process publishes a heartbeat record with a TTL."""
+"""The worker registry: each worker process publishes a heartbeat record with a TTL.
+
+`Workers` is the registry as the ledger exposes it (`Ledger.workers`); the two functions below
+are the same operations for callers holding only a client and the key names.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import redis
 
 from shared.keys import Keys
 
-__all__ = ["live_workers", "publish_heartbeat"]
+__all__ = ["Workers", "live_workers", "publish_heartbeat"]
 
 
 def publish_heartbeat(
@@ -45,3 +49,26 @@ def live_workers(client: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
     if gone:
         client.srem(keys.workers(), *gone)
     return out
+
+
+class Workers:
+    """The worker registry of one farm: heartbeats in, live worker records out."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+
+    def publish(self, worker_id: str, record: dict[str, Any], ttl_s: float) -> None:
+        """Write (or renew) the worker's record; it disappears `ttl_s` after the last call."""
+        publish_heartbeat(self.client, self.keys, worker_id, record, ttl_s)
+
+    def live(self) -> list[dict[str, Any]]:
+        """Records (`worker_id` plus its heartbeat fields) of workers whose heartbeat holds."""
+        return live_workers(self.client, self.keys)
+
+    def forget(self, worker_id: str) -> None:
+        """Remove a stopping worker's record at once, rather than when its heartbeat expires."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(self.keys.worker(worker_id))
+        pipe.srem(self.keys.workers(), worker_id)
+        pipe.execute()

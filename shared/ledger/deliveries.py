@@ -1,0 +1,125 @@
+"""The webhook delivery queue: deliveries wait in a sorted set scored by when they are due.
+
+A member is the delivery itself (JSON: id, batch, URL, body, attempts so far), so one ZADD
+schedules it and one ZREM ends it. A sender claims a due delivery with a compare-and-set that
+pushes its due time past the attempt, so a sender that dies mid-delivery leaves it to be tried
+again (at least once). The batch record carries the outcome (`webhook_state`, `_attempts`,
+`_error`, `_delivered_at`) for the API to show.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from shared.keys import Keys
+from shared.keys import text as _s
+
+__all__ = ["Delivery", "WebhookQueue"]
+
+_ERROR_CHARS = 300  # the error kept on the batch record is cut to this
+
+# Claim a due delivery: move its due time past this attempt, only if it is (still) due.
+_CLAIM = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) <= tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One webhook delivery: `attempts` made so far; `member` is its entry in the queue."""
+
+    delivery_id: str
+    batch_id: str
+    url: str
+    body: str
+    attempts: int
+    member: str
+
+
+class WebhookQueue:
+    """Schedules, claims and settles webhook deliveries."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+        self._claim = client.register_script(_CLAIM)
+
+    def enqueue(self, batch_id: str, url: str, body: str) -> Delivery:
+        """Schedule a POST of `body` to `url` now, and mark the batch's webhook pending."""
+        delivery_id = uuid.uuid4().hex
+        member = _member(delivery_id, batch_id, url, body, attempts=0)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zadd(self.keys.webhooks(), {member: time.time()})
+        pipe.hset(
+            self.keys.batch(batch_id),
+            mapping={"webhook_state": "pending", "webhook_attempts": 0, "webhook_error": ""},
+        )
+        pipe.execute()
+        return _delivery(member)
+
+    def due(self, now: float, limit: int) -> list[Delivery]:
+        """Up to `limit` deliveries due at `now`, soonest first (not yet claimed)."""
+        members = self.client.zrangebyscore(self.keys.webhooks(), "-inf", now, start=0, num=limit)
+        return [_delivery(_s(member)) for member in members]
+
+    def claim(self, delivery: Delivery, now: float, hold_until: float) -> bool:
+        """Take a due delivery for one attempt: no other sender sees it due before `hold_until`."""
+        key = self.keys.webhooks()
+        return bool(self._claim(keys=[key], args=[delivery.member, now, hold_until]))
+
+    def record_attempt(
+        self, delivery: Delivery, *, error: str = "", retry_at: float | None = None
+    ) -> str:
+        """Settle a claimed attempt and return the webhook's state on the batch record.
+
+        No `error`: delivered. An error with `retry_at`: scheduled again then, as the same
+        delivery with one more attempt ("retrying"). An error without: given up ("failed").
+        """
+        attempts = delivery.attempts + 1
+        fields: dict[Any, Any] = {
+            "webhook_attempts": attempts,
+            "webhook_error": error[:_ERROR_CHARS],
+        }
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(self.keys.webhooks(), delivery.member)
+        if not error:
+            fields |= {"webhook_state": "delivered", "webhook_delivered_at": repr(time.time())}
+        elif retry_at is None:
+            fields["webhook_state"] = "failed"
+        else:
+            fields["webhook_state"] = "retrying"
+            again = _member(
+                delivery.delivery_id, delivery.batch_id, delivery.url, delivery.body, attempts
+            )
+            pipe.zadd(self.keys.webhooks(), {again: retry_at})
+        pipe.hset(self.keys.batch(delivery.batch_id), mapping=fields)
+        pipe.execute()
+        return str(fields["webhook_state"])
+
+
+def _member(delivery_id: str, batch_id: str, url: str, body: str, attempts: int) -> str:
+    record = {"id": delivery_id, "batch_id": batch_id, "url": url, "body": body}
+    return json.dumps(record | {"attempt": attempts})
+
+
+def _delivery(member: str) -> Delivery:
+    record = json.loads(member)
+    return Delivery(
+        delivery_id=record["id"],
+        batch_id=record["batch_id"],
+        url=record["url"],
+        body=record["body"],
+        attempts=int(record["attempt"]),
+        member=member,
+    )

@@ -1,0 +1,124 @@
+"""Passes sized so that memory never overflows, and the warm-up that compiles them before work.
+
+A chunk whose rows would not fit on the device renders in several passes (`render_in_passes`);
+each row's noise comes from its own seed, so the images are the same as in one pass. Why each
+speed lever is set as it is: worker/levers.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from worker.levers import Levers
+from worker.models import LoadedModel
+from worker.sampler import PassParams, PassResult, Row, render_pass
+
+__all__ = ["render_in_passes", "rows_per_pass", "warm_up"]
+
+log = logging.getLogger(__name__)
+
+# Peak U-Net activation bytes per row (two samples with guidance) per output pixel, in fp16 with
+# SDPA. The GEGLU feed-forward at the top resolution dominates: 4096 tokens x 10240 x 2 bytes x
+# 2 samples = 170 MB at 512x512, ~650 bytes a pixel; this is that, doubled, plus the skips.
+UNET_BYTES_PER_PIXEL_ROW = 1600
+# Peak VAE decoder bytes per decoded pixel (one image at a time when sliced): a few full-size
+# 128-channel tensors in fp16, GroupNorm's float32 copies and convolution workspace.
+VAE_BYTES_PER_PIXEL = 6000
+# Share of the free GPU memory a pass may plan to use: the allocator fragments, cuDNN's autotuner
+# wants workspace, and another process may hold some.
+MEMORY_HEADROOM = 0.8
+
+
+def warm_up(model: LoadedModel, levers: Levers) -> None:
+    """Render every pass size once for each configured image size, so no job waits to compile.
+
+    The largest pass goes first and gets a graph of its own (the usual chunk when a farm is busy),
+    then one row, then the rest. From the second shape on, dynamo compiles graphs with a dynamic
+    batch, which guards in diffusers' code bound (U-Net batches 16-63 share one, smaller ones
+    another, in diffusers 0.42), so a few compiles cover every size; each size still runs once
+    so that shape-specialised kernels and cuDNN's timings are ready before the first job.
+    """
+    for width, height in levers.compile_sizes:
+        params = PassParams(steps=2, width=width, height=height)
+        largest = min(levers.warm_up_rows, rows_per_pass(model, params, levers.max_pass_pixels))
+        for rows in dict.fromkeys([largest, 1, *range(2, largest)]):
+            started = time.perf_counter()
+            batch = [
+                Row(prompt="warm-up", negative_prompt="", seed=i, guidance=7.5) for i in range(rows)
+            ]
+            render_pass(model, batch, params)
+            log.info(
+                "model %s: warmed up at %dx%d, %d rows, in %.1f s",
+                model.name,
+                width,
+                height,
+                rows,
+                time.perf_counter() - started,
+            )
+
+
+def rows_per_pass(model: LoadedModel, params: PassParams, max_pass_pixels: int | None) -> int:
+    """How many rows of this size one pass may hold (at least 1; no limit on a CPU unless set)."""
+    pixels = params.width * params.height
+    if max_pass_pixels is not None:
+        return max(1, max_pass_pixels // pixels)
+    if model.device.type != "cuda":
+        return 1 << 30  # host memory is the OS's to page; nothing to measure it against here
+    scale = torch.finfo(model.dtype).bits / 16
+    free, _total = torch.cuda.mem_get_info(model.device)
+    # Blocks the caching allocator holds but no tensor uses are free for this pass too.
+    free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
+    tile = (
+        model.vae.tile_sample_min_size if model.vae.use_tiling else max(params.width, params.height)
+    )
+    vae = VAE_BYTES_PER_PIXEL * scale * min(pixels, tile * tile)
+    per_row = UNET_BYTES_PER_PIXEL_ROW * scale * pixels
+    return max(1, int((free * MEMORY_HEADROOM - vae) // per_row))
+
+
+def render_in_passes(
+    model: LoadedModel,
+    rows: Sequence[Row],
+    params: PassParams,
+    on_step: Callable[[int, int], None] | None = None,
+    *,
+    max_pass_pixels: int | None = None,
+) -> PassResult:
+    """`render_pass`, split into passes that fit in memory; progress counts over all of them."""
+    size = rows_per_pass(model, params, max_pass_pixels)
+    if len(rows) <= size:
+        return render_pass(model, rows, params, on_step=on_step)
+    parts = [rows[i : i + size] for i in range(0, len(rows), size)]
+    log.info(
+        "%d rows at %dx%d do not fit one pass: %d passes of up to %d",
+        len(rows),
+        params.width,
+        params.height,
+        len(parts),
+        size,
+    )
+    joined = PassResult(images=[], timings={})
+    for index, part in enumerate(parts):
+        step_cb = None
+        if on_step is not None:
+            step_cb = _offset_progress(on_step, index, len(parts))
+        result = render_pass(model, part, params, on_step=step_cb)
+        joined.images.extend(result.images)
+        joined.warnings.extend(result.warnings)  # per row, like the images
+        joined.errors.extend(result.errors)
+        for key, seconds in result.timings.items():
+            joined.timings[key] = joined.timings.get(key, 0.0) + seconds
+    return joined
+
+
+def _offset_progress(
+    on_step: Callable[[int, int], None], index: int, passes: int
+) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        on_step(index * total + done, passes * total)
+
+    return report
