@@ -33,6 +33,7 @@ __all__ = ["command_names", "main"]
 
 # The entry-point group through which other packages (the worker) add subcommands to `sdfarm`.
 COMMAND_GROUP = "sdfarm.commands"
+_Subparsers = argparse._SubParsersAction  # what `add_subparsers` returns, for the `_add_*` below
 
 
 def _plugin_commands() -> dict[str, EntryPoint]:
@@ -50,7 +51,18 @@ def _parser(describe: bool = False) -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # In this order, which is the order `sdfarm --help` lists them in.
+    _add_server_commands(sub)
+    _add_submit_command(sub)
+    _add_batch_commands(sub)
+    _add_up_command(sub)
+    # Commands from other packages (the worker's): they parse their own options.
+    for name, entry in sorted(_plugin_commands().items()):
+        sub.add_parser(name, help=_describe(entry) if describe else None, add_help=False)
+    return parser
 
+
+def _add_server_commands(sub: _Subparsers[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("api", help="run the HTTP API (and a dispatcher)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -58,6 +70,8 @@ def _parser(describe: bool = False) -> argparse.ArgumentParser:
 
     sub.add_parser("dispatcher", help="run a dispatcher alone (one is active across the farm)")
 
+
+def _add_submit_command(sub: _Subparsers[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "submit", help="submit prompts (FILE: .txt one prompt a line, .jsonl one job a line)"
     )
@@ -79,6 +93,9 @@ def _parser(describe: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--idempotency-key", help="repeat a submission safely: same key, same batch")
     _waiting(p)
 
+
+def _add_batch_commands(sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    """The client commands after `submit`: follow, fetch, cancel and retry batches; list workers."""
     p = sub.add_parser("status", help="show a batch (counts, queue position, ETA) or a job")
     p.add_argument("id", help="a batch id or a job id")
     _json(p)
@@ -111,6 +128,8 @@ def _parser(describe: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser("manifest", help="print a batch's manifest (NDJSON, one job a line)")
     p.add_argument("batch_id")
 
+
+def _add_up_command(sub: _Subparsers[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("up", help="start a whole farm on this machine (Ctrl-C stops it)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH")
@@ -118,11 +137,6 @@ def _parser(describe: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="API port (default: a free one)")
     p.add_argument("--state-dir", type=Path, default=Path(".sdfarm"))
     p.add_argument("--device", default="cpu")
-
-    # Commands from other packages (the worker's): they parse their own options.
-    for name, entry in sorted(_plugin_commands().items()):
-        sub.add_parser(name, help=_describe(entry) if describe else None, add_help=False)
-    return parser
 
 
 def _describe(entry: EntryPoint) -> str:
@@ -261,7 +275,7 @@ def _dispatcher(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from producer.local import run_local_farm
+    from producer.local_session import run_local_farm
 
     models: dict[str, str] = {}
     for entry in args.model:

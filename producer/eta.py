@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from shared.config import Settings
-from shared.jobs import DEFAULT_PRIORITY
-from shared.ledger import THROUGHPUT_BUCKET_S, Ledger
+from shared.ledger import THROUGHPUT_BUCKET_S, BatchRecord, Ledger
 from shared.ledger.stats import ActiveBatch
 
 __all__ = ["ActiveBatch", "Estimate", "QueueView"]
@@ -100,23 +99,21 @@ class QueueView:
         workers = self.ledger.workers.live()
         return frozenset(m for w in workers for m in w.get("models", []))
 
-    def estimate(self, record: dict[str, Any]) -> Estimate:
+    def estimate(self, record: BatchRecord) -> Estimate:
         """Queue position, ETA and throughput for a batch record from `Ledger.batch`."""
-        counts = record["counts"]
-        models = frozenset(m for m in record.get("models", "").split(",") if m)
+        models = record.models
         rate = self.model_rate(models)
-        remaining = counts["queued"] + counts["running"]
+        remaining = record.remaining
         if remaining == 0:
             return Estimate(queue_position=None, eta_s=0.0, throughput=rate)
-        priority = int(record.get("priority") or DEFAULT_PRIORITY)
-        created = float(record["created_at"])
+        priority, created = record.priority, record.created_at
         ahead = sum(
             other.queued
             for other in self.active()
-            if other.batch_id != record["batch_id"]
+            if other.batch_id != record.batch_id
             and other.models & models
             and (other.priority, -other.created_at) > (priority, -created)
         )
-        position = ahead if counts["queued"] else 0
+        position = ahead if record.counts["queued"] else 0
         eta = (ahead + remaining) / rate if rate > 0 else None
         return Estimate(queue_position=position, eta_s=eta, throughput=rate)

@@ -89,7 +89,7 @@ class Farm:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=5)
-        self.redis.close()
+        self.ledger.close()
 
 
 # The dependencies below do no I/O, so they are `async def`: FastAPI runs a plain `def`

@@ -20,7 +20,7 @@ from producer import webhooks
 from producer.manifest import write_manifest
 from shared.config import Settings
 from shared.errors import StorageError, UnknownId
-from shared.ledger import Ledger
+from shared.ledger import BatchRecord, Ledger
 from shared.storage import Storage
 
 __all__ = ["Finisher", "summary"]
@@ -74,13 +74,12 @@ class Finisher:
         except UnknownId:
             log.info("batch %s: ended but its record expired; nothing to do", batch_id)
             return
-        counts = record["counts"]
-        if counts["queued"] + counts["running"]:
+        if record.remaining:
             log.info("batch %s: retried before its end was handled; waiting for the next", batch_id)
             return
         key = write_manifest(self.ledger, self.storage, batch_id)
         self.ledger.loops.mark_finished(batch_id, key)
-        url = record.get("callback_url")
+        url = record.callback_url
         if url:
             payload = summary(record) | {
                 "manifest": {"key": key, "uri": self.storage.describe(key)}
@@ -88,16 +87,15 @@ class Finisher:
             webhooks.enqueue(self.ledger, batch_id, url, payload)
 
 
-def summary(record: dict[str, Any]) -> dict[str, Any]:
+def summary(record: BatchRecord) -> dict[str, Any]:
     """The webhook body for a batch record from `Ledger.batch`."""
-    finished = record.get("finished_at")
     return {
         "event": "batch.finished",
-        "batch_id": record["batch_id"],
-        "total": record["total"],
-        "counts": record["counts"],
+        "batch_id": record.batch_id,
+        "total": record.total,
+        "counts": record.counts,
         "priority": int(record["priority"]) if record.get("priority") else None,
-        "created_at": float(record["created_at"]),
-        "finished_at": float(finished) if finished else time.time(),
-        "cancelled": bool(record.get("cancelled_at")),
+        "created_at": record.created_at,
+        "finished_at": record.finished_at or time.time(),
+        "cancelled": record.cancelled_at is not None,
     }

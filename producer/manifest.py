@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from shared.ledger import Ledger
+from shared.ledger import JobRecord, Ledger
 from shared.storage import Storage
 
 __all__ = ["MANIFEST_NAME", "manifest_key", "manifest_line", "manifest_lines", "write_manifest"]
@@ -29,22 +29,22 @@ def manifest_key(storage: Storage, batch_id: str) -> str:
     return f"{storage.prefix.strip('/')}/{batch_id}/{MANIFEST_NAME}".lstrip("/")
 
 
-def manifest_line(record: dict[str, Any]) -> dict[str, Any]:
+def manifest_line(record: JobRecord) -> dict[str, Any]:
     """The manifest entry of one job record (see `producer.schemas.ManifestLine`)."""
     spec = record["spec"]
-    result = record.get("result") or {}
+    result = record.result or {}
     return {
-        "job_id": record["job_id"],
-        "state": record["state"],
+        "job_id": record.job_id,
+        "state": record.state,
         "prompt": spec["prompt"],
         "negative_prompt": spec.get("negative_prompt", ""),
         "params": {name: spec.get(name) for name in _PARAMS},
         "seed": spec["seed"],
-        "model_hash": record.get("model_hash") or None,
+        "model_hash": record.model_hash,
         "key": result.get("key"),
         "uri": result.get("uri"),
         "bytes": result.get("bytes"),
-        "error": record.get("error") or None,
+        "error": record.error,
     }
 
 

@@ -32,6 +32,7 @@ from shared.jobs import (
     JobState,
     is_batch_id,
 )
+from shared.ledger import BatchRecord
 
 __all__ = ["router"]
 
@@ -148,9 +149,9 @@ def list_jobs(
         if record is None:
             continue
         url = None
-        if presign and record["state"] == JobState.SUCCEEDED.value:
-            url = f.storage.url(record["result"]["key"], f.settings.presign_expiry_s)
-        if state is None or record["state"] == state.value:
+        if presign and record.state is JobState.SUCCEEDED and record.image_key:
+            url = f.storage.url(record.image_key, f.settings.presign_expiry_s)
+        if state is None or record.state is state:
             jobs.append(job_public(record, url))
     return JobsPage(jobs=jobs, next_cursor=position if position < total else None)
 
@@ -179,7 +180,7 @@ def cancel_batch(batch_id: str, f: FarmDep) -> BatchCancelled:
     _check_batch_id(batch_id)
     done = f.ledger.cancel_batch(batch_id)
     log.info("batch %s: cancel requested (%s)", batch_id, done)
-    counts = f.ledger.batch(batch_id)["counts"]
+    counts = f.ledger.batch(batch_id).counts
     return BatchCancelled(batch_id=batch_id, counts=counts, **done)
 
 
@@ -189,18 +190,18 @@ def retry_batch(batch_id: str, f: FarmDep) -> Retried:
     _check_batch_id(batch_id)
     requeued = f.ledger.retry_batch(batch_id)  # also makes the batch active again
     log.info("batch %s: %d jobs queued again", batch_id, requeued)
-    return Retried(batch_id=batch_id, requeued=requeued, counts=f.ledger.batch(batch_id)["counts"])
+    return Retried(batch_id=batch_id, requeued=requeued, counts=f.ledger.batch(batch_id).counts)
 
 
-def _with_estimate(f: FarmDep, record: dict[str, Any]) -> BatchPublic:
+def _with_estimate(f: FarmDep, record: BatchRecord) -> BatchPublic:
     estimate = f.queue.estimate(record)
-    models = [m for m in record.get("models", "").split(",") if m]
+    models = sorted(record.models)
     return batch_public(
         record,
         queue_position=estimate.queue_position,
         eta_s=estimate.eta_s,
         throughput=estimate.throughput,
-        waiting_for=unserved_note(f.queue.serving_models, models, record["counts"]),
+        waiting_for=unserved_note(f.queue.serving_models, models, record.counts),
     )
 
 

@@ -24,7 +24,7 @@ def get_job(job_id: str, f: FarmDep) -> JobPublic:
     """One job: state, progress (step k of n), spec, result, error."""
     _check_job_id(job_id)
     record = f.ledger.job(job_id)
-    waiting = unserved_note(f.queue.serving_models, [record["model"]], {record["state"]: 1})
+    waiting = unserved_note(f.queue.serving_models, [record.model], {record.state.value: 1})
     return job_public(record).model_copy(update={"waiting_for": waiting})
 
 
@@ -42,11 +42,11 @@ def get_image(job_id: str, f: FarmDep) -> Response:
     """The job's PNG: a redirect to a short-lived presigned URL, or the bytes themselves."""
     _check_job_id(job_id)
     record = f.ledger.job(job_id)
-    if record["state"] != JobState.SUCCEEDED.value:
+    key = record.image_key
+    if record.state is not JobState.SUCCEEDED or key is None:
         raise ApiError(
-            409, f"job {job_id} is {record['state']}; its image exists once it has succeeded"
+            409, f"job {job_id} is {record.state}; its image exists once it has succeeded"
         )
-    key = record["result"]["key"]
     url = f.storage.url(key, f.settings.presign_expiry_s)
     if url is None:
         return Response(f.storage.get(key), media_type="image/png")

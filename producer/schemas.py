@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from shared.ledger import BatchRecord, JobRecord
+
 __all__ = [
     "BatchCancelled",
     "BatchList",
@@ -185,55 +187,41 @@ def _public_spec(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def job_public(record: dict[str, Any], image_url: str | None = None) -> JobPublic:
+def job_public(record: JobRecord, image_url: str | None = None) -> JobPublic:
     """The public view of a job record from `Ledger.job`."""
     return JobPublic(
-        job_id=record["job_id"],
-        batch_id=record["batch_id"],
-        state=record["state"],
-        progress={
-            "step": record.get("step", 0),
-            "steps": record.get("steps", record["spec"]["steps"]),
-        },
+        job_id=record.job_id,
+        batch_id=record.batch_id,
+        state=record.state,
+        progress={"step": record.step, "steps": record.steps},
         spec=_public_spec(record["spec"]),
-        attempts=record.get("attempts", 0),
-        worker=record.get("worker"),
-        result=record.get("result"),
-        timings=record.get("timings"),
-        model_hash=record.get("model_hash") or None,
-        error=record.get("error") or None,
-        last_error=record.get("last_error") or None,
-        warnings=record.get("warnings") or [],
+        attempts=record.attempts,
+        worker=record.worker,
+        result=record.result,
+        timings=record.timings,
+        model_hash=record.model_hash,
+        error=record.error,
+        last_error=record.last_error,
+        warnings=record.warnings,
         image_url=image_url,
     )
 
 
-def batch_public(record: dict[str, Any], **estimates: Any) -> BatchPublic:
+def batch_public(record: BatchRecord, **estimates: Any) -> BatchPublic:
     """The public view of a batch record from `Ledger.batch`, with ETA fields when given."""
-    webhook = None
-    if record.get("webhook_state"):
-        webhook = {
-            "state": record["webhook_state"],
-            "attempts": int(record.get("webhook_attempts") or 0),
-            "error": record.get("webhook_error") or None,
-        }
     return BatchPublic(
-        batch_id=record["batch_id"],
-        total=record["total"],
-        counts=record["counts"],
-        created_at=float(record["created_at"]),
-        finished_at=_float(record.get("finished_at")),
-        cancelled_at=_float(record.get("cancelled_at")),
+        batch_id=record.batch_id,
+        total=record.total,
+        counts=record.counts,
+        created_at=record.created_at,
+        finished_at=record.finished_at,
+        cancelled_at=record.cancelled_at,
         priority=int(record["priority"]) if record.get("priority") else None,
-        models=[m for m in record.get("models", "").split(",") if m],
-        manifest=record.get("manifest"),
-        webhook=webhook,
+        models=sorted(record.models),
+        manifest=record.manifest,
+        webhook=record.webhook,
         **estimates,
     )
-
-
-def _float(value: Any) -> float | None:
-    return float(value) if value not in (None, "") else None
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:

@@ -20,21 +20,12 @@ import redis
 
 from shared.config import Settings
 from shared.keys import Keys
+from shared.ledger.claims import gpu_claim
 from worker.gpus import gpu_uuids
 
 __all__ = ["GpuClaims", "claim_gpus"]
 
 log = logging.getLogger(__name__)
-
-# Renew a claim only while we still hold it, so a claim that lapsed and was taken stays taken.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 @dataclass
@@ -52,8 +43,8 @@ class GpuClaims:
         for gpu in candidates:
             if len(self.held) >= count:
                 break
-            if gpu not in self.held and self.client.set(
-                self.keys.gpu_claim(gpu), self.owner, nx=True, px=int(self.ttl_s * 1000)
+            if gpu not in self.held and gpu_claim(self.client, self.keys, gpu).hold(
+                self.owner, self.ttl_s
             ):
                 self.held.append(gpu)
                 log.info("supervisor %s: claimed GPU %s", self.owner, gpu)
@@ -76,18 +67,15 @@ class GpuClaims:
 
     def renew(self) -> None:
         """Extend every claim held; a claim lost meanwhile (Redis was down) is taken again."""
-        ttl_ms = int(self.ttl_s * 1000)
         for gpu in self.held:
-            key = self.keys.gpu_claim(gpu)
+            claim = gpu_claim(self.client, self.keys, gpu)
             try:
-                if not self.client.eval(_RENEW, 1, key, self.owner, ttl_ms) and not self.client.set(
-                    key, self.owner, nx=True, px=ttl_ms
-                ):
+                if not claim.hold(self.owner, self.ttl_s):
                     log.error(
                         "supervisor %s: GPU %s is now claimed by %s; two workers share it",
                         self.owner,
                         gpu,
-                        self.client.get(key),
+                        claim.holder(),
                     )
             except redis.RedisError as e:
                 log.warning("supervisor %s: could not renew GPU %s: %s", self.owner, gpu, e)
@@ -95,7 +83,7 @@ class GpuClaims:
     def release(self) -> None:
         for gpu in self.held:
             try:
-                self.client.eval(_RELEASE, 1, self.keys.gpu_claim(gpu), self.owner)
+                gpu_claim(self.client, self.keys, gpu).release(self.owner)
             except redis.RedisError as e:  # it expires on its own
                 log.warning("supervisor %s: could not release GPU %s: %s", self.owner, gpu, e)
         self.held.clear()

@@ -72,6 +72,10 @@ class Ledger(Transitions, Leases):
         self.stats = Stats(client, self.keys)  # counts and depths for /metrics, ETAs, capacity
         self.workers = Workers(client, self.keys)  # the worker registry (heartbeats)
 
+    def close(self) -> None:
+        """Close the ledger's connections (the API process's, at shutdown)."""
+        self.redis.close()
+
     # -- submit ---------------------------------------------------------------------------------
 
     def create_batch(

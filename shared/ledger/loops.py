@@ -1,9 +1,9 @@
 """What the producer's background loops keep in Redis: the dispatcher's lease lock, and the
 finisher's lists of ended batches.
 
-- The dispatch lock is one key holding the active dispatcher's id, with a TTL its holder renews.
-  Taking and renewing are one compare-and-set, so a paused dispatcher cannot steal the lock back
-  from the one that took over.
+- The dispatch lock is a claim (`shared.ledger.claims`): one key holding the active dispatcher's
+  id, with a TTL its holder renews, so a paused dispatcher cannot steal it back from the one that
+  took over.
 - TRANSITION pushes a batch id onto `finished` in the step that ends the batch. A finisher moves
   it to `finishing` while it works on it (BLMOVE), so an id whose finisher died is handed back at
   the next start: every ended batch is handled at least once.
@@ -17,26 +17,9 @@ import redis
 
 from shared.keys import Keys
 from shared.keys import text as _s
+from shared.ledger.claims import dispatch_lock
 
 __all__ = ["Loops"]
-
-# Renew the lock if we own it, take it if nobody does: 1 renewed, 2 taken, 0 held by another.
-_HOLD_LOCK = """
-local owner = redis.call('GET', KEYS[1])
-if owner == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-if not owner then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 2
-end
-return 0
-"""
-_RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 class Loops:
@@ -45,19 +28,17 @@ class Loops:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.client = client
         self.keys = keys
-        self._hold = client.register_script(_HOLD_LOCK)
-        self._release = client.register_script(_RELEASE_LOCK)
+        self._lock = dispatch_lock(client, keys)
 
     # -- the dispatch lock ----------------------------------------------------------------------
 
     def hold_dispatch_lock(self, owner: str, ttl_s: float) -> bool:
         """Renew the lock if `owner` holds it, or take it if it is free; True if `owner` has it."""
-        key = self.keys.dispatcher_lock()
-        return int(self._hold(keys=[key], args=[owner, int(ttl_s * 1000)])) > 0
+        return self._lock.hold(owner, ttl_s) > 0
 
     def release_dispatch_lock(self, owner: str) -> bool:
         """Give the lock up if `owner` still holds it (it expires on its own otherwise)."""
-        return bool(self._release(keys=[self.keys.dispatcher_lock()], args=[owner]))
+        return self._lock.release(owner)
 
     # -- ended batches --------------------------------------------------------------------------
 

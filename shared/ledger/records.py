@@ -65,6 +65,44 @@ class JobRecord(dict[str, Any]):
     def storage_failing_since(self) -> float | None:
         return _float(self.get("storage_failing_since"))
 
+    @property
+    def model(self) -> str:
+        return str(self.get("model") or self["spec"].get("model") or "")
+
+    @property
+    def step(self) -> int:
+        return int(self.get("step", 0))
+
+    @property
+    def steps(self) -> int:
+        return int(self.get("steps", self["spec"]["steps"]))
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        """`{"key", "uri", "bytes"}` of the stored image, once it has succeeded."""
+        return self.get("result") or None
+
+    @property
+    def image_key(self) -> str | None:
+        result = self.result
+        return str(result["key"]) if result else None
+
+    @property
+    def timings(self) -> dict[str, float] | None:
+        return self.get("timings") or None
+
+    @property
+    def model_hash(self) -> str | None:
+        return self.get("model_hash") or None
+
+    @property
+    def error(self) -> str | None:
+        return self.get("error") or None
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.get("warnings") or [])
+
 
 class BatchRecord(dict[str, Any]):
     """One batch: its counters per state (O(1) whatever its size) and what it was submitted with."""
@@ -101,6 +139,25 @@ class BatchRecord(dict[str, Any]):
     @property
     def callback_url(self) -> str | None:
         return self.get("callback_url") or None
+
+    @property
+    def cancelled_at(self) -> float | None:
+        return _float(self.get("cancelled_at"))
+
+    @property
+    def manifest(self) -> str | None:
+        return self.get("manifest") or None
+
+    @property
+    def webhook(self) -> dict[str, Any] | None:
+        """The callback's delivery: state, attempts and last error, once one was scheduled."""
+        if not self.get("webhook_state"):
+            return None
+        return {
+            "state": self["webhook_state"],
+            "attempts": int(self.get("webhook_attempts") or 0),
+            "error": self.get("webhook_error") or None,
+        }
 
     @property
     def remaining(self) -> int:

@@ -1,0 +1,27 @@
+"""Where objects lie in a store, for every kind of store: images, and the probe `check` writes.
+
+The image key is derived from the job (`{prefix}/{batch_id}/{job_id}.png`), so a redelivered job
+overwrites its image instead of adding a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+__all__ = ["PROBE_FOLDER", "image_key", "probe_key"]
+
+log = logging.getLogger(__name__)
+
+PROBE_FOLDER = ".sdfarm-probe"  # `check` writes (and removes) one small object here
+
+
+def _key(prefix: str, *parts: str) -> str:
+    return "/".join([prefix.strip("/"), *parts]).lstrip("/")
+
+
+def image_key(prefix: str, batch_id: str, job_id: str) -> str:
+    return _key(prefix, batch_id, f"{job_id}.png")
+
+
+def probe_key(prefix: str, name: str) -> str:
+    return _key(prefix, PROBE_FOLDER, name)
