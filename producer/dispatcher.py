@@ -98,8 +98,8 @@ class Dispatcher:
 
         The target is `queue_chunks_per_worker` per live worker serving the model, so the broker
         holds only a little work and the order of everything else is decided here, at the last
-        moment (priority, turns, grouping: `shared.pending`). A model no live worker serves gets
-        nothing sent: its jobs wait in the ledger, where the API reports why.
+        moment (priority, turns, grouping: `shared.ledger.pending`). A model no live worker serves
+        gets nothing sent: its jobs wait in the ledger, where the API reports why.
         """
         sent = 0
         self.hold_until = None
@@ -185,15 +185,19 @@ class Dispatcher:
             self.ledger.forget_lease(job_id)
             return "dropped"
         reason = f"worker {record.worker or '?'} stopped renewing its lease (lost or killed)"
-        state = self.ledger.requeue_or_fail(
-            job_id,
-            reason,
-            charge_attempt=True,
-            max_attempts=self.settings.max_attempts,
-            owner=record.worker,
-            lease_expired=True,
-            code=FailureReason.WORKER_LOST,
-        )
+        try:
+            state = self.ledger.requeue_or_fail(
+                job_id,
+                reason,
+                charge_attempt=True,
+                max_attempts=self.settings.max_attempts,
+                owner=record.worker,
+                lease_expired=True,
+                code=FailureReason.WORKER_LOST,
+            )
+        except UnknownId:  # expired between the two reads
+            self.ledger.forget_lease(job_id)
+            return "dropped"
         if not state:
             # Refused: renewed since we looked (a live worker: leave it), or moved on by itself.
             if record.state is not JobState.RUNNING:

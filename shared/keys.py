@@ -26,7 +26,7 @@ class Keys:
     def batches(self) -> str:
         return f"{self.prefix}:batches"  # zset batch id -> created_at, newest last
 
-    # Pending work (see `shared.pending`): one list of job ids per (compat key,
+    # Pending work (see `shared.ledger.pending`): one list of job ids per (compat key,
     # batch), indexed three ways. The Lua scripts build these names from these methods.
 
     def pending_jobs(self, compat: str, batch_id: str) -> str:

@@ -1,7 +1,7 @@
 """Pending work: queued jobs waiting for the dispatcher, and the order it takes them in.
 
 A queued job id sits in one *lane*: a list per (compat key, batch). Three indexes over the lanes
-let one Lua script (`shared.lua.TAKE_CHUNK`) pick a chunk in O(max_batch + log n):
+let one Lua script (`lua/take_chunk.lua`) pick a chunk in O(max_batch + log n):
 
 - `turns:{model}`, a zset of the batches with pending work for a model, scored
   `priority class * 2^40 + turn`. The class is `9 - priority`, so priority 9 sorts first; the
