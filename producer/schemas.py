@@ -92,6 +92,9 @@ class JobPublic(BaseModel):
     result: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
     model_hash: str | None = None
+    model_family: str | None = Field(
+        default=None, description="The family of the model that rendered it: sd1, sd2, sdxl."
+    )
     error: str | None = None
     last_error: str | None = None
     warnings: list[str] = Field(
@@ -140,6 +143,9 @@ class WorkerPublic(BaseModel):
     device: str | None = None
     models: list[str] = Field(default_factory=list)
     model_hashes: dict[str, str] = Field(default_factory=dict)
+    model_families: dict[str, str] = Field(
+        default_factory=dict, description="Each model's family, read from it: sd1, sd2, sdxl."
+    )
     current: list[str] = Field(default_factory=list)
     images_done: int = 0
     images_per_s: float = Field(default=0.0, description="Over the last minute.")
@@ -200,6 +206,7 @@ def job_public(record: JobRecord, image_url: str | None = None) -> JobPublic:
         result=record.result,
         timings=record.timings,
         model_hash=record.model_hash,
+        model_family=record.get("model_family") or None,
         error=record.error,
         last_error=record.last_error,
         warnings=record.warnings,

@@ -6,10 +6,7 @@ when it decodes the stored spec; both use these models, so the rules live in one
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
-import io
 import math
 import re
 import secrets
@@ -28,6 +25,12 @@ from pydantic import (
 )
 
 from shared.errors import InvalidJob
+from shared.init_images import (
+    MAX_INIT_IMAGE_CHARS,
+    S3_REF_RE,
+    image_size,
+    init_image_bytes,
+)
 from shared.samplers import SAMPLER_IDS, sampler_help
 
 __all__ = [
@@ -43,7 +46,6 @@ __all__ = [
     "batch_of",
     "check_callback_url",
     "compat_key",
-    "init_image_bytes",
     "is_batch_id",
     "is_job_id",
     "job_id_for",
@@ -57,12 +59,11 @@ if TYPE_CHECKING:
 else:
     SchedulerName = Literal[SCHEDULERS]  # pydantic names every allowed id when it refuses one
 DEFAULT_STRENGTH = 0.75  # img2img's strength when a job gives none (A1111's default)
-MAX_INIT_IMAGE_CHARS = 16_000_000  # base64 of a ~12 MB PNG; larger images belong in S3
-MAX_INIT_IMAGE_SIDE = 4096  # pixels; bigger headers are refused before any decoding
 MAX_SEED = 2**32 - 1  # A1111's range, so a seed read off an image works there too
 MAX_SIDE = 2048  # pixels; a 2048x2048 SD 1.x image already needs ~20 GB without tiling
 MAX_STEPS = 150
 MAX_PRIORITY = 9  # batch priority runs 0..9; 9 is the most urgent
+MAX_CONDITIONING_PX = 8192  # SDXL's size conditioning: numbers the U-Net embeds, not pixels made
 DEFAULT_PRIORITY = 5  # the middle, so that background work can ask for less
 
 
@@ -113,6 +114,19 @@ class JobSpec(BaseModel):
         default="truncate",
         description="Prompts over CLIP's 75 tokens: cut (with a warning) or encode in chunks.",
     )
+    # SDXL's size conditioning, per job (jobs with different values still share a pass).
+    original_width: int | None = Field(
+        default=None, ge=1, le=MAX_CONDITIONING_PX, description="SDXL: original size; `width`."
+    )
+    original_height: int | None = Field(
+        default=None, ge=1, le=MAX_CONDITIONING_PX, description="SDXL: original size; `height`."
+    )
+    crop_left: int = Field(
+        default=0, ge=0, le=MAX_CONDITIONING_PX, description="SDXL: crop top-left, pixels."
+    )
+    crop_top: int = Field(
+        default=0, ge=0, le=MAX_CONDITIONING_PX, description="SDXL: crop top-left, pixels."
+    )
 
     @field_validator("guidance", "strength", mode="before")
     @classmethod
@@ -129,10 +143,10 @@ class JobSpec(BaseModel):
     @classmethod
     def _an_image_of_the_job_size(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None or value.startswith("s3://"):
-            if value is not None and not _S3_REF_RE.match(value):
+            if value is not None and not S3_REF_RE.match(value):
                 raise ValueError(f"init_image must look like s3://bucket/key, got {value[:80]!r}")
             return value
-        size = _image_size(init_image_bytes(value))
+        size = image_size(init_image_bytes(value))
         wanted = (info.data.get("width"), info.data.get("height"))
         if None not in wanted and size != wanted and not info.data.get("resize_init"):
             raise ValueError(
@@ -235,41 +249,6 @@ def compat_key(spec: JobSpec) -> str:
         # The strength sets where sampling starts, so only equal strengths share a pass.
         key += f"|img2img@{spec.denoising_strength:g}"
     return key
-
-
-_S3_REF_RE = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/\S+$")
-_DATA_URL_RE = re.compile(r"^data:image/[a-z]+;base64,")
-
-
-def init_image_bytes(value: str) -> bytes:
-    """The bytes of a base64 init image (a `data:image/...;base64,` prefix allowed)."""
-    try:
-        return base64.b64decode(_DATA_URL_RE.sub("", value, count=1), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ValueError(f"init_image is neither s3://bucket/key nor valid base64 ({e})") from e
-
-
-def _image_size(data: bytes) -> tuple[int, int]:
-    """Width and height from the image's header, refusing what is not a PNG or a JPEG."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data), formats=["PNG", "JPEG"]) as image:
-            size: tuple[int, int] = image.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(
-            f"init_image is not a PNG or JPEG image ({len(data)} bytes decoded)"
-        ) from e
-    except Image.DecompressionBombError as e:  # a header claiming billions of pixels
-        raise ValueError(
-            f"init_image claims more pixels than {MAX_INIT_IMAGE_SIDE}x{MAX_INIT_IMAGE_SIDE}, "
-            f"the most allowed ({e})"
-        ) from e
-    if max(size) > MAX_INIT_IMAGE_SIDE:
-        raise ValueError(
-            f"init_image is {size[0]}x{size[1]}; at most {MAX_INIT_IMAGE_SIDE} px per side"
-        )
-    return size
 
 
 _BATCH_RE = re.compile(r"^b[0-9a-f]{20}$")

@@ -99,9 +99,12 @@ def _render_parser() -> argparse.ArgumentParser:
 def _model_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdfarm model", description="Model tools.")
     sub = p.add_subparsers(dest="action", required=True)
-    tiny = sub.add_parser("make-tiny", help="write a tiny random model of the SD 1.x architecture")
+    tiny = sub.add_parser("make-tiny", help="write a tiny random model of a real architecture")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--arch", choices=("sd1", "sdxl"), default="sd1", help="SD 1.x (default) or SDXL base"
+    )
     tiny.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
     tiny.add_argument(
         "--single-file",
@@ -254,7 +257,10 @@ def _render(args: argparse.Namespace) -> int:
 def _model(args: argparse.Namespace) -> int:
     from worker.tiny import make_tiny
 
-    path = make_tiny(args.dir, seed=args.seed, prediction_type=args.prediction_type)
+    if args.arch == "sdxl" and args.single_file is not None:
+        print("error: --single-file is not available for --arch sdxl yet", file=sys.stderr)
+        return 2
+    path = make_tiny(args.dir, seed=args.seed, prediction_type=args.prediction_type, arch=args.arch)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(f"wrote a tiny model to {path} ({size / 1e6:.1f} MB)")
     if args.single_file is not None:

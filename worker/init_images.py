@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from shared.errors import InvalidJob
-from shared.jobs import init_image_bytes
+from shared.init_images import init_image_bytes
 from shared.storage import Storage
 
 __all__ = ["load_init_image", "read_init_image_bytes"]

@@ -143,6 +143,7 @@ def _heartbeat(ctx: WorkerContext, device: str, stop: threading.Event) -> None:
         "device": device,
         "models": sorted(ctx.models),
         "model_hashes": {name: m.model_hash for name, m in ctx.models.items()},
+        "model_families": {name: m.family for name, m in ctx.models.items()},
     }
     interval = ctx.settings.worker_ttl_s / 3
     while True:

@@ -20,18 +20,29 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
 from shared.errors import ModelLoadError
 from worker.checkpoints import CHECKPOINT_SUFFIXES, load_single_file
 
-__all__ = ["COMPONENTS", "LoadedModel", "load_model", "model_hash", "quiet_hf_progress_bars"]
+__all__ = [
+    "COMPONENTS",
+    "FAMILIES",
+    "LoadedModel",
+    "load_model",
+    "model_hash",
+    "quiet_hf_progress_bars",
+]
 
 log = logging.getLogger(__name__)
 
 # The sub-folders of a diffusers Stable Diffusion model that the sampling loop uses.
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+
+# What a model is, read from it: SD 1.x, SD 2.x (cross-attention over 1024-wide OpenCLIP
+# states), SDXL base (a second text encoder with projection, `text_time` added conditioning).
+FAMILIES = ("sd1", "sd2", "sdxl")
 
 # Where the U-Net's weights may sit in a diffusers folder, preferred first.
 UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -54,6 +65,12 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     model_hash: str  # A1111's short hash, written into PNG metadata
+    family: str = "sd1"  # one of FAMILIES
+    # SDXL: the second tokenizer and text encoder (OpenCLIP bigG with projection).
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    # SDXL: an empty negative prompt is zeros rather than the encoded "" (model_index.json).
+    force_zeros_for_empty_prompt: bool = False
 
 
 @contextmanager
@@ -128,6 +145,38 @@ def _load_folder(
     return tokenizer, text_encoder, unet, vae, scheduler_config
 
 
+def _load_second_encoder(
+    root: Path, dtype: torch.dtype
+) -> tuple[CLIPTokenizer, CLIPTextModelWithProjection] | None:
+    """SDXL's second tokenizer and text encoder, when the folder has them."""
+    if not (root / "text_encoder_2").is_dir():
+        return None
+    component = "tokenizer_2"
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer_2", local_files_only=True)
+        component = "text_encoder_2"
+        with quiet_hf_progress_bars():
+            encoder = CLIPTextModelWithProjection.from_pretrained(
+                root / "text_encoder_2", dtype=dtype, local_files_only=True
+            )
+    except Exception as e:  # wrapped, not swallowed: the worker must say which part failed
+        raise ModelLoadError(f"cannot load {component} from {root}: {e}") from e
+    return tokenizer, encoder
+
+
+def _family(unet: UNet2DConditionModel, second_encoder: bool) -> str:
+    if second_encoder and unet.config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd2" if unet.config.get("cross_attention_dim") == 1024 else "sd1"
+
+
+def _force_zeros(root: Path) -> bool:
+    index = root / "model_index.json"
+    if not index.is_file():
+        return False
+    return bool(json.loads(index.read_text()).get("force_zeros_for_empty_prompt", False))
+
+
 def load_model(
     name: str,
     path: str,
@@ -163,8 +212,10 @@ def load_model(
             for module in (text_encoder, unet, vae):
                 # nn.Module.to, not diffusers' override, which warns about every dtype cast.
                 torch.nn.Module.to(module, dtype)
+            second = None
         else:
             tokenizer, text_encoder, unet, vae, scheduler_config = _load_folder(root, dtype)
+            second = _load_second_encoder(root, dtype)
         component = "hash"
         short_hash = model_hash(root)
     except ModelLoadError as e:
@@ -172,10 +223,16 @@ def load_model(
     except Exception as e:  # wrapped, not swallowed: the worker must say which part failed
         raise ModelLoadError(f"model {name!r}: cannot load {component} from {root}: {e}") from e
 
-    for module in (text_encoder, unet, vae):
+    modules = [text_encoder, unet, vae] + ([second[1]] if second else [])
+    for module in modules:
         module.to(torch_device)
         module.eval()
         module.requires_grad_(False)
+    family = _family(unet, second is not None)
+    if family == "sdxl" and dtype == torch.float16 and vae.config.get("force_upcast", False):
+        # SDXL's VAE overflows in float16; its config says so, and diffusers' SDXL pipelines
+        # then run it in float32. Kept there for good rather than cast back and forth per pass.
+        torch.nn.Module.to(vae, torch.float32)
 
     model = LoadedModel(
         name=name,
@@ -191,10 +248,15 @@ def load_model(
         device=torch_device,
         dtype=dtype,
         model_hash=short_hash,
+        family=family,
+        tokenizer_2=second[0] if second else None,
+        text_encoder_2=second[1] if second else None,
+        force_zeros_for_empty_prompt=not single_file and _force_zeros(root),
     )
     log.info(
-        "model %s loaded from %s on %s (%s, %s, hash %s) in %.1f s",
+        "model %s (%s) loaded from %s on %s (%s, %s, hash %s) in %.1f s",
         name,
+        model.family,
         root,
         torch_device,
         str(dtype).removeprefix("torch."),

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 # SDPA. The GEGLU feed-forward at the top resolution dominates: 4096 tokens x 10240 x 2 bytes x
 # 2 samples = 170 MB at 512x512, ~650 bytes a pixel; this is that, doubled, plus the skips.
 UNET_BYTES_PER_PIXEL_ROW = 1600
+# Per family. SDXL has no attention at its top resolution, and its wider levels sit at a quarter
+# and a sixteenth of the pixels, so per output pixel it needs no more than SD 1.5 by this count;
+# its value is SD 1.5's until bench/gpu.py measures it on a GPU.
+UNET_BYTES_PER_PIXEL_ROW_BY_FAMILY = {"sd1": 1600, "sd2": 1600, "sdxl": 1600}
 # Peak VAE decoder bytes per decoded pixel (one image at a time when sliced): a few full-size
 # 128-channel tensors in fp16, GroupNorm's float32 copies and convolution workspace.
 VAE_BYTES_PER_PIXEL = 6000
@@ -69,14 +73,16 @@ def rows_per_pass(model: LoadedModel, params: PassParams, max_pass_pixels: int |
     if model.device.type != "cuda":
         return 1 << 30  # host memory is the OS's to page; nothing to measure it against here
     scale = torch.finfo(model.dtype).bits / 16
+    vae_scale = torch.finfo(model.vae.dtype).bits / 16  # SDXL's VAE runs in float32
     free, _total = torch.cuda.mem_get_info(model.device)
     # Blocks the caching allocator holds but no tensor uses are free for this pass too.
     free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
     tile = (
         model.vae.tile_sample_min_size if model.vae.use_tiling else max(params.width, params.height)
     )
-    vae = VAE_BYTES_PER_PIXEL * scale * min(pixels, tile * tile)
-    per_row = UNET_BYTES_PER_PIXEL_ROW * scale * pixels
+    vae = VAE_BYTES_PER_PIXEL * vae_scale * min(pixels, tile * tile)
+    unet_bytes = UNET_BYTES_PER_PIXEL_ROW_BY_FAMILY.get(model.family, UNET_BYTES_PER_PIXEL_ROW)
+    per_row = unet_bytes * scale * pixels
     return max(1, int((free * MEMORY_HEADROOM - vae) // per_row))
 
 

@@ -10,6 +10,13 @@ chunks, as A1111 does, since the U-Net batch holds both.
 
 Every 77-token sequence is encoded independently of the others, so a row's states do not depend
 on its batch-mates.
+
+SDXL reads two encoders, as diffusers' `StableDiffusionXLPipeline.encode_prompt` does: each
+sequence goes through both, their penultimate hidden states are concatenated, and the second
+encoder's projection is the row's pooled embedding (of its first chunk, as A1111 takes it). The
+two tokenizers share CLIP's vocabulary and differ only in their special tokens, so one
+tokenization serves both. An empty negative prompt is zeros, states and pooled alike, where the
+model says `force_zeros_for_empty_prompt` (diffusers' behaviour when given no negative prompt).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,11 +39,14 @@ CHUNK_TOKENS = 75  # prompt tokens CLIP reads between its start and end tokens
 
 @dataclass
 class EncodedRow:
-    """One row's CLIP states, (1, 77 * chunks, hidden) each, and what was lost on the way."""
+    """One row's CLIP states, (1, 77 * chunks, hidden) each, and what was lost on the way; for
+    SDXL also its pooled embeddings, (1, projection) each."""
 
     cond: torch.Tensor
     uncond: torch.Tensor
     warnings: list[str]
+    pooled_cond: torch.Tensor | None = None
+    pooled_uncond: torch.Tensor | None = None
 
 
 def _chunks(ids: list[int], mode: str) -> list[list[int]]:
@@ -76,20 +87,54 @@ def encode_rows(model: LoadedModel, prompts: Sequence[tuple[str, str, str]]) -> 
         spans.append((len(sequences), len(sequences) + count, count))
         sequences += cond + uncond
         warnings.append(row_warnings)
-    states = _encode_sequences(model, sequences)
-    return [
-        EncodedRow(
+    states, pooled = _encode_sequences(model, sequences)
+    out = []
+    for (first, second, count), row_warnings, (_, negative, _) in zip(
+        spans, warnings, prompts, strict=True
+    ):
+        encoded = EncodedRow(
             cond=states[first : first + count].reshape(1, -1, states.shape[-1]),
             uncond=states[second : second + count].reshape(1, -1, states.shape[-1]),
             warnings=row_warnings,
         )
-        for (first, second, count), row_warnings in zip(spans, warnings, strict=True)
-    ]
+        if pooled is not None:
+            encoded.pooled_cond, encoded.pooled_uncond = (
+                pooled[first : first + 1],
+                pooled[second : second + 1],
+            )
+            if model.force_zeros_for_empty_prompt and negative == "":
+                encoded.uncond = torch.zeros_like(encoded.cond)
+                encoded.pooled_uncond = torch.zeros_like(encoded.pooled_cond)
+        out.append(encoded)
+    return out
 
 
-def _encode_sequences(model: LoadedModel, sequences: list[list[int]]) -> torch.Tensor:
-    """CLIP's last hidden state for each chunk: start token, the chunk, end token, padding."""
-    tokenizer = model.tokenizer
+def _encode_sequences(
+    model: LoadedModel, sequences: list[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each chunk's states (start token, the chunk, end token, padding), and SDXL's pooled ones.
+
+    SD 1.x/2.x: CLIP's last hidden state. SDXL: both encoders' penultimate hidden states side by
+    side, and the second encoder's projection.
+    """
+    if model.text_encoder_2 is None or model.tokenizer_2 is None:
+        output = model.text_encoder(*_inputs(model, model.tokenizer, model.text_encoder, sequences))
+        return output[0].to(dtype=model.dtype), None
+    first = model.text_encoder(
+        *_inputs(model, model.tokenizer, model.text_encoder, sequences), output_hidden_states=True
+    )
+    second = model.text_encoder_2(
+        *_inputs(model, model.tokenizer_2, model.text_encoder_2, sequences),
+        output_hidden_states=True,
+    )
+    states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    return states.to(dtype=model.dtype), second.text_embeds.to(dtype=model.dtype)
+
+
+def _inputs(
+    model: LoadedModel, tokenizer: Any, encoder: Any, sequences: list[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The encoder's input ids for the chunks, padded to 77, and its attention mask if any."""
     length = tokenizer.model_max_length
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = []
@@ -102,8 +147,6 @@ def _encode_sequences(model: LoadedModel, sequences: list[list[int]]) -> torch.T
     # SD's U-Net was trained on CLIP states computed without an attention mask, padding included;
     # as in diffusers, only a text encoder whose config asks for a mask gets one.
     attention_mask = None
-    if getattr(model.text_encoder.config, "use_attention_mask", False):
+    if getattr(encoder.config, "use_attention_mask", False):
         attention_mask = torch.tensor(masks, dtype=torch.long, device=model.device)
-    output = model.text_encoder(input_ids, attention_mask=attention_mask)
-    hidden: torch.Tensor = output[0].to(dtype=model.dtype)
-    return hidden
+    return input_ids, attention_mask

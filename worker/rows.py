@@ -67,7 +67,16 @@ def row_for(spec: JobSpec, storage: Storage | None = None) -> Row:
         guidance=spec.guidance,
         init_image=init_image,
         long_prompt=spec.long_prompt,
+        original_size=_original_size(spec),
+        crop_top_left=(spec.crop_top, spec.crop_left),
     )
+
+
+def _original_size(spec: JobSpec) -> tuple[int, int] | None:
+    """SDXL's original size, (height, width); None (the job's size) when the job gives neither."""
+    if spec.original_width is None and spec.original_height is None:
+        return None
+    return (spec.original_height or spec.height, spec.original_width or spec.width)
 
 
 def build_rows(jobs: Sequence[Claimed], storage: Storage) -> tuple[list[RowJob], list[Unreadable]]:

@@ -9,7 +9,8 @@ uses (its starting noise, its img2img latent sample, a stochastic sampler's nois
 float32 on the CPU from the row's own seed, so a seed means the same image on every worker and
 in every batch.
 
-    1. encode prompts and negative prompts with the CLIP text encoder (worker/prompts.py)
+    1. encode prompts and negative prompts with the CLIP text encoder(s) (worker/prompts.py);
+       SDXL adds each row's pooled embedding and size conditioning for the U-Net
     2. set the scheduler's timesteps (the tail of them for img2img)
     3. prepare latents: each row's noise from its own seed, or its init image noised to the
        starting timestep
@@ -49,6 +50,10 @@ class Row:
     guidance: float  # classifier-free guidance scale (A1111's "CFG scale")
     init_image: np.ndarray | None = None  # img2img: H x W x 3 uint8 at the pass's size
     long_prompt: str = "truncate"  # or "chunk": see worker/prompts.py
+    # SDXL's size conditioning, (height, width) and (top, left) as diffusers orders them; the
+    # original size is the pass's size when None.
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,7 @@ def _denoise(
     )
     # Unconditional (negative) rows first, as the U-Net batch is laid out.
     prompt_embeds = torch.cat([e.uncond for e in encoded] + [e.cond for e in encoded])
+    added_cond = _added_conditioning(model, rows, encoded, params)
 
     # 2. Set timesteps. LMS's init_noise_sigma depends on them, so this comes before the noise.
     scheduler = make_scheduler(params.scheduler, model.scheduler_config)
@@ -161,6 +167,7 @@ def _denoise(
             latent_model_input.to(model.dtype),
             t,
             encoder_hidden_states=prompt_embeds,
+            added_cond_kwargs=added_cond,
             return_dict=False,
         )[0].float()
         noise_uncond, noise_cond = noise_pred.chunk(2)
@@ -169,6 +176,22 @@ def _denoise(
         on_step()
     result: torch.Tensor = latents
     return result
+
+
+def _added_conditioning(
+    model: LoadedModel, rows: Sequence[Row], encoded: Sequence[EncodedRow], params: PassParams
+) -> dict[str, torch.Tensor] | None:
+    """SDXL's `text_time` conditioning, laid out as the U-Net batch ([uncond rows, cond rows]):
+    each row's pooled embedding, and its six size numbers (original size, crop top-left, target
+    size), the negative half with the same numbers as its row, as diffusers does by default."""
+    if model.family != "sdxl":
+        return None
+    pooled = [e.pooled_uncond for e in encoded] + [e.pooled_cond for e in encoded]
+    text_embeds = torch.cat([p for p in pooled if p is not None])
+    target = (params.height, params.width)
+    numbers = [[*(row.original_size or target), *row.crop_top_left, *target] for row in rows]
+    time_ids = torch.tensor(numbers * 2, dtype=text_embeds.dtype)
+    return {"text_embeds": text_embeds, "time_ids": time_ids.to(model.device)}
 
 
 def render_pass(
@@ -217,7 +240,10 @@ def render_pass(
         # 5. Decode, then map [-1, 1] to 8-bit as diffusers' postprocess and numpy_to_pil do.
         with _timed(timings, "vae", model.device):
             decoded = decode_latents(model, torch.stack([x for x in latents if x is not None]))
-    warnings = [e.warnings + w for e, w in zip(encoded, decoded.warnings, strict=True)]
+    warnings = [
+        e.warnings + _ignored_conditioning(model, row) + w
+        for row, e, w in zip(rows, encoded, decoded.warnings, strict=True)
+    ]
     log.debug(
         "pass of %d rows at %dx%d, %d steps of %s: %s",
         len(rows),
@@ -230,6 +256,12 @@ def render_pass(
     return PassResult(
         images=decoded.images, timings=timings, warnings=warnings, errors=decoded.errors
     )
+
+
+def _ignored_conditioning(model: LoadedModel, row: Row) -> list[str]:
+    if model.family == "sdxl" or (row.original_size is None and row.crop_top_left == (0, 0)):
+        return []
+    return [f"original size and crop are SDXL conditioning; this {model.family} model ignores them"]
 
 
 def _evaluations(model: LoadedModel, params: PassParams) -> int:

@@ -20,14 +20,16 @@ from diffusers import AutoencoderKL, LMSDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from worker.models import quiet_hf_progress_bars
+from worker.tiny_sdxl import sdxl_components, sdxl_model_index, write_model_index
 from worker.tokenizer import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH, write_tokenizer
 
-__all__ = ["PREDICTION_TYPES", "make_tiny"]
+__all__ = ["ARCHES", "PREDICTION_TYPES", "make_tiny"]
 
 log = logging.getLogger(__name__)
 
 # "v_prediction" gives an SD 2.x-style model; LMS supports no other kind.
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+ARCHES = ("sd1", "sdxl")  # SD 1.x (and 2.x with v_prediction); SDXL base (worker/tiny_sdxl.py)
 
 TEXT_HIDDEN = 32  # also the U-Net's cross_attention_dim, as 768 is for both in SD 1.x
 SAMPLE_SIZE_PX = 64  # the pipeline's default height and width for this model
@@ -120,8 +122,10 @@ def _model_index() -> dict[str, object]:
     }
 
 
-def make_tiny(dir: Path, *, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Write a tiny SD 1.x-architecture model folder to `dir` and return `dir`.
+def make_tiny(
+    dir: Path, *, seed: int = 0, prediction_type: str = "epsilon", arch: str = "sd1"
+) -> Path:
+    """Write a tiny model folder of architecture `arch` to `dir` and return `dir`.
 
     The same `seed` always gives the same weights, byte for byte.
     """
@@ -129,24 +133,39 @@ def make_tiny(dir: Path, *, seed: int = 0, prediction_type: str = "epsilon") -> 
         raise ValueError(
             f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
         )
+    if arch not in ARCHES:
+        raise ValueError(f"arch must be one of {', '.join(ARCHES)}, got {arch!r}")
+    if arch == "sdxl" and prediction_type != "epsilon":
+        raise ValueError("the tiny SDXL is an epsilon-prediction model, as SDXL 1.0 base is")
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
 
     write_tokenizer(dir / "tokenizer")
+    if arch == "sdxl":
+        write_tokenizer(dir / "tokenizer_2")
     vocab = json.loads((dir / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
 
     # fork_rng: seeding must not change the random state of whoever called us.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = _text_encoder(len(vocab), vocab[BOS_TOKEN], vocab[EOS_TOKEN])
-        unet = _unet()
-        vae = _vae()
+        if arch == "sdxl":
+            parts = sdxl_components(len(vocab), vocab[BOS_TOKEN], vocab[EOS_TOKEN])
+        else:
+            parts = {
+                "text_encoder": _text_encoder(len(vocab), vocab[BOS_TOKEN], vocab[EOS_TOKEN]),
+                "unet": _unet(),
+                "vae": _vae(),
+                "scheduler": _scheduler(prediction_type),
+            }
 
-    with quiet_hf_progress_bars():  # transformers draws a bar even for a one-file save
-        text_encoder.save_pretrained(dir / "text_encoder")
-    unet.save_pretrained(dir / "unet", safe_serialization=True)
-    vae.save_pretrained(dir / "vae", safe_serialization=True)
-    _scheduler(prediction_type).save_pretrained(dir / "scheduler")
-    (dir / "model_index.json").write_text(json.dumps(_model_index(), indent=2) + "\n")
-    log.info("wrote a tiny %s model (seed %d) to %s", prediction_type, seed, dir)
+    for name, part in parts.items():
+        if name.startswith("text_encoder"):
+            with quiet_hf_progress_bars():  # transformers draws a bar even for a one-file save
+                part.save_pretrained(dir / name)  # type: ignore[attr-defined]
+        elif name == "scheduler":
+            part.save_pretrained(dir / name)  # type: ignore[attr-defined]
+        else:
+            part.save_pretrained(dir / name, safe_serialization=True)  # type: ignore[attr-defined]
+    write_model_index(dir, sdxl_model_index() if arch == "sdxl" else _model_index())
+    log.info("wrote a tiny %s %s model (seed %d) to %s", arch, prediction_type, seed, dir)
     return dir

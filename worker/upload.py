@@ -72,6 +72,7 @@ def store_rendered(
             "result": {"key": key, "uri": storage.describe(key), "bytes": len(data)},
             "timings": {**item.timings, "batch_rows": item.pass_rows},
             "model_hash": model.model_hash or "",
+            "model_family": model.family,
             "finished_at": time.time(),
             "warnings": item.warnings,  # dropped prompt words, an fp32 VAE retry: shown by API, CLI
         }
