@@ -25,6 +25,7 @@ from producer.finisher import Finisher
 from producer.webhooks import WebhookSender
 from shared.celery_app import make_celery
 from shared.config import Settings
+from shared.families import native_sizes
 from shared.ledger import Ledger
 from shared.storage import Storage, open_storage
 
@@ -67,6 +68,8 @@ class Farm:
             public_endpoint_url=settings.s3_public_endpoint_url,
         )
         self.celery = make_celery(settings)
+        # Each model's native size, where its folder can be read here: a job's default size.
+        self.native_sizes = native_sizes(settings.models)
         self.dispatcher = Dispatcher(settings, self.ledger, self.celery)
         self.queue = QueueView(self.ledger, settings)
         self.finisher = Finisher(self.ledger, self.storage, settings)

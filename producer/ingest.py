@@ -160,7 +160,14 @@ async def _submit_ndjson(farm: Farm, body: _Body, options: Options) -> Accepted:
     meta = _meta(priority, options.callback_url)
     jobs = _pull(_ndjson_jobs(body.chunks()))
     try:
-        submit = functools.partial(submit_batch, farm.ledger, farm.settings, jobs, meta=meta)
+        submit = functools.partial(
+            submit_batch,
+            farm.ledger,
+            farm.settings,
+            jobs,
+            meta=meta,
+            native_sizes=farm.native_sizes,
+        )
         return await to_thread.run_sync(submit)
     except InvalidJob as e:
         for problem in e.details:  # name the line too: job N is line N+1
@@ -176,7 +183,14 @@ async def _submit_json(farm: Farm, body: _Body, options: Options) -> Accepted:
     _check_callback(farm, create.callback_url)
     jobs = create.job_dicts()
     meta = _meta(create.priority, create.callback_url)
-    submit = functools.partial(submit_batch, farm.ledger, farm.settings, jobs, meta=meta)
+    submit = functools.partial(
+        submit_batch,
+        farm.ledger,
+        farm.settings,
+        jobs,
+        meta=meta,
+        native_sizes=farm.native_sizes,
+    )
     return await to_thread.run_sync(submit)
 
 

@@ -33,8 +33,15 @@ class Accepted:
     job_ids: list[str]
 
 
-def validate_jobs(job_dicts: Iterable[Mapping[str, Any]], settings: Settings) -> list[JobSpec]:
-    """Validate each job and resolve its model and seed; refuse the whole batch on any problem."""
+def validate_jobs(
+    job_dicts: Iterable[Mapping[str, Any]],
+    settings: Settings,
+    native_sizes: Mapping[str, int] | None = None,
+) -> list[JobSpec]:
+    """Validate each job and resolve its model, seed and size; refuse the whole batch on any
+    problem. A job that names no width or height gets its model's native size where
+    `native_sizes` knows it (`shared.families`), else the spec's default."""
+    sizes = native_sizes or {}
     default_model = settings.resolve_default_model()
     known = settings.model_names()
     specs: list[JobSpec] = []
@@ -56,6 +63,10 @@ def validate_jobs(job_dicts: Iterable[Mapping[str, Any]], settings: Settings) ->
         filled = dict(raw)  # filled in before validating: a copy of the model would cost more
         if not filled.get("model") and default_model is not None:
             filled["model"] = default_model
+        native = sizes.get(filled.get("model") or "")
+        if native is not None:
+            filled.setdefault("width", native)
+            filled.setdefault("height", native)
         if filled.get("seed") is None:
             # Drawn here, never at render time: a redelivered job renders the same image.
             filled["seed"] = secrets.randbelow(MAX_SEED + 1)
@@ -158,9 +169,10 @@ def submit_batch(
     job_dicts: Iterable[Mapping[str, Any]],
     *,
     meta: dict[str, str] | None = None,
+    native_sizes: Mapping[str, int] | None = None,
 ) -> Accepted:
     """Validate, then record every job as `queued`; nothing is written if any job is refused."""
-    specs = validate_jobs(job_dicts, settings)
+    specs = validate_jobs(job_dicts, settings, native_sizes)
     _check_init_image_keys(specs, settings)
     batch_id = new_batch_id()
     job_ids = ledger.create_batch(batch_id, specs, meta=meta)

@@ -75,8 +75,8 @@ def _render_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, help="pixels; the model's native size by default")
+    p.add_argument("--height", type=int, help="pixels; the model's native size by default")
     p.add_argument(
         "--scheduler",
         default="lms",
@@ -192,6 +192,7 @@ def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _render(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from shared.families import read_model_facts
     from shared.jobs import JobSpec
     from shared.metadata import encode_png
     from shared.problems import problems_from
@@ -211,6 +212,8 @@ def _render(args: argparse.Namespace) -> int:
             img2img["strength"] = args.strength
     elif args.strength is not None:
         raise InvalidJob("--strength: applies only with --init-image")
+    facts = read_model_facts(args.model)  # from its JSON files: checked before loading the weights
+    native = facts.native_px if facts is not None else 512
     try:
         spec = JobSpec(
             prompt=args.prompt,
@@ -219,8 +222,8 @@ def _render(args: argparse.Namespace) -> int:
             scheduler=args.scheduler,
             steps=args.steps,
             guidance=args.guidance,
-            width=args.width,
-            height=args.height,
+            width=args.width or native,
+            height=args.height or native,
             seed=args.seed,
             long_prompt=args.long_prompt,
             **img2img,

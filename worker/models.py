@@ -24,6 +24,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from transformers.utils import logging as hf_logging
 
 from shared.errors import ModelLoadError
+from shared.families import FAMILIES, family_of
 from worker.checkpoints import CHECKPOINT_SUFFIXES, load_single_file
 
 __all__ = [
@@ -39,10 +40,6 @@ log = logging.getLogger(__name__)
 
 # The sub-folders of a diffusers Stable Diffusion model that the sampling loop uses.
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
-
-# What a model is, read from it: SD 1.x, SD 2.x (cross-attention over 1024-wide OpenCLIP
-# states), SDXL base (a second text encoder with projection, `text_time` added conditioning).
-FAMILIES = ("sd1", "sd2", "sdxl")
 
 # Where the U-Net's weights may sit in a diffusers folder, preferred first.
 UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -71,6 +68,11 @@ class LoadedModel:
     text_encoder_2: CLIPTextModelWithProjection | None = None
     # SDXL: an empty negative prompt is zeros rather than the encoded "" (model_index.json).
     force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def native_px(self) -> int:
+        """The side of the square the model was trained at (U-Net sample size x VAE factor)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
 
 
 @contextmanager
@@ -164,12 +166,6 @@ def _load_second_encoder(
     return tokenizer, encoder
 
 
-def _family(unet: UNet2DConditionModel, second_encoder: bool) -> str:
-    if second_encoder and unet.config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return "sd2" if unet.config.get("cross_attention_dim") == 1024 else "sd1"
-
-
 def _force_zeros(root: Path) -> bool:
     index = root / "model_index.json"
     if not index.is_file():
@@ -228,7 +224,7 @@ def load_model(
         module.to(torch_device)
         module.eval()
         module.requires_grad_(False)
-    family = _family(unet, second is not None)
+    family = family_of(unet.config, second_text_encoder=second is not None)
     if family == "sdxl" and dtype == torch.float16 and vae.config.get("force_upcast", False):
         # SDXL's VAE overflows in float16; its config says so, and diffusers' SDXL pipelines
         # then run it in float32. Kept there for good rather than cast back and forth per pass.

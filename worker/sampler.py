@@ -35,7 +35,11 @@ from worker.prompts import EncodedRow, encode_rows
 from worker.schedulers import img2img_timesteps, make_scheduler, step_kwargs
 from worker.vae import decode_latents, encode_images
 
-__all__ = ["PassParams", "PassResult", "Row", "render_pass"]
+__all__ = ["NATIVE_PIXELS_RANGE", "PassParams", "PassResult", "Row", "render_pass"]
+
+# A size whose pixel count is within this many times the model's native square gets no warning:
+# SD 1.5 at 512x768 or 768x768, SDXL at 832x1216 are common; SDXL at 512x512 is not.
+NATIVE_PIXELS_RANGE = (0.5, 4.0)
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +244,9 @@ def render_pass(
         # 5. Decode, then map [-1, 1] to 8-bit as diffusers' postprocess and numpy_to_pil do.
         with _timed(timings, "vae", model.device):
             decoded = decode_latents(model, torch.stack([x for x in latents if x is not None]))
+    size_note = _far_from_native(model, params)
     warnings = [
-        e.warnings + _ignored_conditioning(model, row) + w
+        e.warnings + _ignored_conditioning(model, row) + size_note + w
         for row, e, w in zip(rows, encoded, decoded.warnings, strict=True)
     ]
     log.debug(
@@ -256,6 +261,17 @@ def render_pass(
     return PassResult(
         images=decoded.images, timings=timings, warnings=warnings, errors=decoded.errors
     )
+
+
+def _far_from_native(model: LoadedModel, params: PassParams) -> list[str]:
+    """A warning when the size is far from the model's own (rendered as asked, never changed)."""
+    ratio = params.width * params.height / model.native_px**2
+    if NATIVE_PIXELS_RANGE[0] <= ratio <= NATIVE_PIXELS_RANGE[1]:
+        return []
+    return [
+        f"{params.width}x{params.height} is far from the {model.native_px}x{model.native_px} "
+        f"this {model.family} model was trained at; expect broken or repeated composition"
+    ]
 
 
 def _ignored_conditioning(model: LoadedModel, row: Row) -> list[str]:
