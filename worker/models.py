@@ -72,7 +72,9 @@ class LoadedModel:
     @property
     def native_px(self) -> int:
         """The side of the square the model was trained at (U-Net sample size x VAE factor)."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        size = self.unet.config.sample_size  # an int, or (height, width) in some configs
+        side = size if isinstance(size, int) else max(size)
+        return int(side) * self.vae_scale_factor
 
 
 @contextmanager
