@@ -20,7 +20,12 @@ from diffusers import AutoencoderKL, LMSDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from worker.models import quiet_hf_progress_bars
-from worker.tiny_sdxl import sdxl_components, sdxl_model_index, write_model_index
+from worker.tiny_sdxl import (
+    SDXL_SCALING_FACTOR,
+    sdxl_components,
+    sdxl_model_index,
+    write_model_index,
+)
 from worker.tokenizer import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH, write_tokenizer
 
 __all__ = ["ARCHES", "PREDICTION_TYPES", "make_tiny"]
@@ -76,7 +81,7 @@ def _unet() -> UNet2DConditionModel:
     )
 
 
-def _vae() -> AutoencoderKL:
+def _vae(scaling_factor: float = 0.18215, *, force_upcast: bool = True) -> AutoencoderKL:
     # PyTorch's default init is already small enough here: decoded images from random latents sit
     # around mid-grey with a spread of ~40 levels and under 1% of pixels clipped, so images from
     # different seeds and prompts differ visibly (tests/test_parity.py checks this).
@@ -91,7 +96,8 @@ def _vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=32,
         sample_size=SAMPLE_SIZE_PX,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,  # SD 1.x's 0.18215 by default
+        force_upcast=force_upcast,  # read by diffusers' SDXL pipelines only
     )
 
 
@@ -150,6 +156,7 @@ def make_tiny(
         torch.manual_seed(seed)
         if arch == "sdxl":
             parts = sdxl_components(len(vocab), vocab[BOS_TOKEN], vocab[EOS_TOKEN])
+            parts["vae"] = _vae(SDXL_SCALING_FACTOR, force_upcast=True)
         else:
             parts = {
                 "text_encoder": _text_encoder(len(vocab), vocab[BOS_TOKEN], vocab[EOS_TOKEN]),

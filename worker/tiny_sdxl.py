@@ -15,18 +15,18 @@ import json
 from pathlib import Path
 
 import diffusers
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from worker.tokenizer import MODEL_MAX_LENGTH
 
-__all__ = ["SDXL_SAMPLE_SIZE_PX", "sdxl_components", "sdxl_model_index"]
+__all__ = ["SDXL_SCALING_FACTOR", "sdxl_components", "sdxl_model_index", "write_model_index"]
 
 TEXT_HIDDEN = (32, 32)  # the two encoders' widths (768 and 1280 in SDXL)
 PROJECTION_DIM = 32  # text_encoder_2's projection: the pooled embedding (1280 in SDXL)
 TIME_EMBED_DIM = 8  # addition_time_embed_dim (256 in SDXL), per size or crop number
 SDXL_SAMPLE_SIZE_PX = 64
-SCALING_FACTOR = 0.13025  # SDXL's VAE
+SDXL_SCALING_FACTOR = 0.13025  # SDXL's VAE (the VAE itself is built as for SD 1.x, worker/tiny.py)
 
 
 def _text_config(
@@ -67,22 +67,6 @@ def _unet() -> UNet2DConditionModel:
     )
 
 
-def _vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=SDXL_SAMPLE_SIZE_PX,
-        scaling_factor=SCALING_FACTOR,
-        force_upcast=True,
-    )
-
-
 def _scheduler() -> EulerDiscreteScheduler:
     # SDXL 1.0 base's scheduler_config.json values.
     return EulerDiscreteScheduler(
@@ -99,14 +83,14 @@ def _scheduler() -> EulerDiscreteScheduler:
 
 
 def sdxl_components(vocab_size: int, bos_id: int, eos_id: int) -> dict[str, object]:
-    """The modules of a tiny SDXL base, by sub-folder name (the caller seeds torch first)."""
+    """The modules of a tiny SDXL base but its VAE, by sub-folder name (the caller seeds torch
+    first and adds the VAE)."""
     first = _text_config(vocab_size, bos_id, eos_id, TEXT_HIDDEN[0], "quick_gelu")
     second = _text_config(vocab_size, bos_id, eos_id, TEXT_HIDDEN[1], "gelu")
     return {
         "text_encoder": CLIPTextModel(first),
         "text_encoder_2": CLIPTextModelWithProjection(second),
         "unet": _unet(),
-        "vae": _vae(),
         "scheduler": _scheduler(),
     }
 
