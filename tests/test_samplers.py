@@ -189,6 +189,15 @@ MIXED = [
 ]
 
 
+def together_and_alone(
+    model: LoadedModel, rows: list[Row], params: PassParams
+) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
+    """The rows' images rendered in one pass, and each rendered alone."""
+    together = render_pass(model, rows, params).images
+    alone = [render_pass(model, [row], params).images[0] for row in rows]
+    return together, alone
+
+
 @pytest.mark.parametrize("name", ["euler_a", "dpmpp_sde"])
 def test_eight_mixed_jobs_render_the_same_together_as_one_by_one(
     model: LoadedModel, name: str, report: Callable[..., None]
@@ -196,8 +205,7 @@ def test_eight_mixed_jobs_render_the_same_together_as_one_by_one(
     # Given 8 jobs with different prompts, negative prompts, guidance scales and seeds
     params = PassParams(STEPS, 64, 64, name)
     # When they render in one pass, and each alone
-    together = render_pass(model, MIXED, params).images
-    alone = [render_pass(model, [row], params).images[0] for row in MIXED]
+    together, alone = together_and_alone(model, MIXED, params)
     # Then every job's image is the same either way
     diff = max(difference(a, b) for a, b in zip(together, alone, strict=True))
     report(f"{name} batch of 8 vs alone", diff)

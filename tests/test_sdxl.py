@@ -30,8 +30,16 @@ from shared.jobs import JobSpec, new_batch_id
 from shared.ledger import Ledger
 from shared.metadata import read_png_metadata
 from shared.storage import FileStorage
-from tests.test_img2img import init_picture, png_base64
-from tests.test_samplers import MIXED, PIXEL_TOLERANCE, REFERENCE, ROW, STEPS, difference
+from tests.test_img2img import diffusers_image, init_picture, png_base64
+from tests.test_samplers import (
+    MIXED,
+    PIXEL_TOLERANCE,
+    REFERENCE,
+    ROW,
+    STEPS,
+    difference,
+    together_and_alone,
+)
 from worker.chunk import process_chunk
 from worker.context import WorkerContext
 from worker.models import LoadedModel, load_model
@@ -140,8 +148,7 @@ def test_eight_mixed_sdxl_jobs_render_the_same_together_as_one_by_one(
     # Given 8 SDXL jobs with different prompts, negatives (some empty), guidance and seeds
     params = PassParams(STEPS, 64, 64, name)
     # When they render in one pass, and each alone
-    together = render_pass(sdxl, MIXED, params).images
-    alone = [render_pass(sdxl, [row], params).images[0] for row in MIXED]
+    together, alone = together_and_alone(sdxl, MIXED, params)
     # Then every job's image is the same either way
     diff = max(difference(a, b) for a, b in zip(together, alone, strict=True))
     report(f"{name} batch of 8 vs alone", diff)
@@ -201,21 +208,10 @@ def test_sdxl_img2img_renders_the_pixels_the_diffusers_sdxl_img2img_pipeline_ren
     ours = render_pass(sdxl, [row_for(spec)], pass_params(spec)).images[0]
     pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(sdxl_dir)
     pipe.set_progress_bar_config(disable=True)
-    cls, settings, _ = REFERENCE[name]
-    config = LMSDiscreteScheduler.load_config(sdxl_dir / "scheduler")
-    pipe.scheduler = cls.from_config(config, **settings)
-    theirs = pipe(
-        prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt,
-        image=init_picture(),
-        strength=strength,
-        num_inference_steps=STEPS,
-        guidance_scale=spec.guidance,
-        generator=[torch.Generator().manual_seed(31337)],
-        output_type="np",
-    ).images[0]
+    row = Row(spec.prompt, spec.negative_prompt, 31337, spec.guidance)
+    theirs = diffusers_image(pipe, name, row, strength)
     # Then the pixels agree within the tolerance
-    diff = difference(ours, (theirs * 255).round().astype(np.uint8))
+    diff = difference(ours, theirs)
     report(f"{name} img2img strength {strength}", diff)
     assert diff <= PIXEL_TOLERANCE
 
