@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, LMSDiscreteScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from worker.models import LoadedModel, load_model
 from worker.tiny import make_tiny
 from worker.tokenizer import BOS_TOKEN, EOS_TOKEN, write_tokenizer
 
-__all__ = ["SCHEDULER_CONFIG", "build_sd15", "build_tiny"]
+__all__ = ["SCHEDULER_CONFIG", "build_sd15", "build_tiny", "own_tokenizer", "sd15_pipeline"]
 
 UNET_CONFIG: dict[str, Any] = {
     "sample_size": 64,
@@ -89,12 +90,18 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def build_sd15(device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """SD 1.5's tokenizer, text encoder, U-Net and VAE with random weights, on `device`."""
-    tokenizer_dir = Path(tempfile.mkdtemp(prefix="sd15-tokenizer-"))
+def own_tokenizer() -> tuple[CLIPTokenizer, dict[str, int]]:
+    """sdfarm's own CLIP-style tokenizer (worker/tokenizer.py), and its vocabulary."""
+    tokenizer_dir = Path(tempfile.mkdtemp(prefix="bench-tokenizer-"))
     write_tokenizer(tokenizer_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    vocab = json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))
+    vocab: dict[str, int] = json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))
+    return tokenizer, vocab
+
+
+def build_sd15(device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """SD 1.5's tokenizer, text encoder, U-Net and VAE with random weights, on `device`."""
+    tokenizer, vocab = own_tokenizer()
     # Built on the device: initialising 1 B parameters there takes a second, on a CPU a minute.
     with torch.device(device):
         torch.manual_seed(0)
@@ -135,6 +142,12 @@ def build_tiny(device: torch.device) -> LoadedModel:
     return load_model("tiny", str(path), device=str(device))
 
 
-def scheduler_for(model: LoadedModel) -> LMSDiscreteScheduler:
-    """The LMS scheduler the farm samples with, for diffusers' pipeline."""
-    return LMSDiscreteScheduler.from_config(model.scheduler_config)
+def sd15_pipeline(model: LoadedModel, scheduler: SchedulerMixin) -> StableDiffusionPipeline:
+    """diffusers' SD 1.x pipeline from the model's components, without a safety checker."""
+    pipe = StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -23,9 +23,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from producer import routes_batches, routes_jobs
-from producer.farm import GUARDED, ApiError, Farm, FarmDep, known_query_only
+from producer.farm import ApiError, CallerDep, Farm, FarmDep, known_query_only
 from producer.metrics import render_metrics
 from producer.schemas import Health, errors
+from producer.tenants import load_tenants
 from shared.config import Settings
 from shared.errors import InvalidJob, SdfarmError, UnknownId
 from shared.problems import problems_from, summary
@@ -42,11 +43,16 @@ _STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
 def create_app(
     settings: Settings, *, run_dispatcher: bool = True, run_background: bool = True
 ) -> FastAPI:
-    """The API; `run_dispatcher` and `run_background` (finisher, webhooks) are for tests."""
+    """The API; `run_dispatcher` and `run_background` (finisher, webhooks) are for tests.
+
+    Raises ConfigError at once for keys or a tenants file that cannot work, before anything
+    serves.
+    """
+    tenants = load_tenants(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        farm = Farm(settings)
+        farm = Farm(settings, tenants)
         app.state.farm = farm
         farm.start(dispatcher=run_dispatcher, background=run_background)
         yield
@@ -57,7 +63,9 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
         description="A render farm for Stable Diffusion. Every /v1 route and /metrics need "
-        "`Authorization: Bearer KEY` when the farm has keys (SDFARM_API_KEYS).",
+        "`Authorization: Bearer KEY` when the farm has keys (SDFARM_API_KEYS, SDFARM_ADMIN_KEYS, "
+        "SDFARM_TENANTS_FILE). Each key belongs to a tenant, which sees only its own batches and "
+        "jobs (another tenant's id is a 404, like a missing one); admin keys see all.",
         dependencies=[Depends(known_query_only)],
         responses=errors(422),
     )
@@ -94,7 +102,6 @@ def create_app(
 
     @app.get(
         "/metrics",
-        dependencies=GUARDED,
         response_class=Response,
         tags=["metrics"],
         responses={
@@ -102,9 +109,10 @@ def create_app(
             **errors(400, 401, 503),
         },
     )
-    def metrics(f: FarmDep) -> Response:
-        """Jobs by state, queue depth per model, render seconds, images/s per worker, failures."""
-        body, content_type = render_metrics(f)
+    def metrics(f: FarmDep, caller: CallerDep) -> Response:
+        """Jobs by state, queue depth per model, render seconds, images/s per worker, failures;
+        per-tenant series only for the caller's own tenant unless it is an admin."""
+        body, content_type = render_metrics(f, caller)
         return Response(body, media_type=content_type)
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

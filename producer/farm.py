@@ -1,4 +1,5 @@
-"""What every API request needs, built once at startup, and the key check in front of /v1.
+"""What every API request needs, built once at startup, and the key check in front of /v1
+(which tenant is calling: `producer.tenants`).
 
 `Farm` also runs the API process's background threads: the dispatcher (one active across the
 farm), the finisher (manifests and webhooks of batches that ended) and the webhook sender.
@@ -6,8 +7,6 @@ farm), the finisher (manifests and webhooks of batches that ended) and the webho
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import threading
 from collections.abc import Callable
@@ -22,19 +21,20 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from producer.dispatcher import Dispatcher
 from producer.eta import QueueView
 from producer.finisher import Finisher
+from producer.tenants import OPEN, Caller, Tenants, load_tenants
 from producer.webhooks import WebhookSender
 from shared.celery_app import make_celery
 from shared.config import Settings
-from shared.families import native_sizes
+from shared.families import model_facts
 from shared.ledger import Ledger
 from shared.storage import Storage, open_storage
 
 __all__ = [
     "GUARDED",
     "ApiError",
+    "CallerDep",
     "Farm",
     "FarmDep",
-    "KeyScope",
     "authorized",
     "get_farm",
     "known_query_only",
@@ -56,8 +56,10 @@ class ApiError(Exception):
 class Farm:
     """The ledger, storage, Celery and background threads of one API process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tenants: Tenants | None = None) -> None:
         self.settings = settings
+        # Who may call, as which tenant (parsed once; create_app parses before it serves).
+        self.tenants = tenants if tenants is not None else load_tenants(settings)
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.ledger = Ledger(
             self.redis, status_ttl_s=settings.status_ttl_s, lease_s=settings.lease_s
@@ -68,8 +70,11 @@ class Farm:
             public_endpoint_url=settings.s3_public_endpoint_url,
         )
         self.celery = make_celery(settings)
-        # Each model's native size, where its folder can be read here: a job's default size.
-        self.native_sizes = native_sizes(settings.models)
+        # Each model's native size, where its folder can be read here: a job's default size;
+        # and its family, which says what may be its refiner.
+        facts = model_facts(settings.models)
+        self.native_sizes = {name: f.native_px for name, f in facts.items()}
+        self.model_families = {name: f.family for name, f in facts.items()}
         self.dispatcher = Dispatcher(settings, self.ledger, self.celery)
         self.queue = QueueView(self.ledger, settings)
         self.finisher = Finisher(self.ledger, self.storage, settings)
@@ -106,34 +111,37 @@ async def get_farm(request: Request) -> Farm:
 FarmDep = Annotated[Farm, Depends(get_farm)]
 
 # Declared as a security scheme, so /openapi.json says how to authenticate.
-_bearer = HTTPBearer(auto_error=False, description="An API key from SDFARM_API_KEYS.")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="An API key from SDFARM_API_KEYS, SDFARM_ADMIN_KEYS or the tenants file.",
+)
 
 
 async def authorized(
     f: FarmDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
-) -> str:
+) -> Caller:
     """Every /v1 route needs `Authorization: Bearer KEY` when keys are configured.
 
-    Returns a short, stable scope for the caller's key (idempotency keys are kept per key).
+    Returns the caller: its tenant and role (what it may see, `producer.ownership`) and a short,
+    stable scope for its key (idempotency keys are kept per key). A farm without keys is open:
+    every caller is `tenants.OPEN`, an admin of tenant `default`.
     """
-    keys = f.settings.api_keys
-    if not keys:
-        return "open"
+    if f.tenants.open:
+        return OPEN
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ApiError(
             401,
             "missing API key: send `Authorization: Bearer KEY`",
             {"WWW-Authenticate": "Bearer"},
         )
-    given = credentials.credentials.strip().encode()
-    # Compare with every key, in constant time, so timing reveals nothing.
-    if not any([hmac.compare_digest(given, key.encode()) for key in keys]):
+    caller = f.tenants.identify(credentials.credentials.strip())
+    if caller is None:
         raise ApiError(401, "wrong API key", {"WWW-Authenticate": "Bearer"})
-    return hashlib.sha256(given).hexdigest()[:16]
+    return caller
 
 
-KeyScope = Annotated[str, Depends(authorized)]
+CallerDep = Annotated[Caller, Depends(authorized)]
 GUARDED = [Depends(authorized)]
 
 _QUERY_NAMES: dict[tuple[str, str], frozenset[str]] = {}  # (path, methods) -> parameter names

@@ -27,8 +27,10 @@ from pydantic import ValidationError
 from producer.farm import ApiError, Farm
 from producer.schemas import Submitted
 from producer.submit import Accepted, submit_batch
+from shared.batches import BatchCreate, check_callback_url
 from shared.errors import InvalidJob
-from shared.jobs import DEFAULT_PRIORITY, BatchCreate, check_callback_url, job_id_for
+from shared.jobs import DEFAULT_PRIORITY, job_id_for
+from shared.ledger import DEFAULT_TENANT
 from shared.problems import problems_from, summary
 
 __all__ = ["JSON", "NDJSON", "Options", "accept"]
@@ -122,6 +124,7 @@ class Options:
     idempotency_key: str | None = None
     priority: int | None = None  # NDJSON only; a JSON body carries its own
     callback_url: str | None = None  # NDJSON only
+    tenant: str = DEFAULT_TENANT  # the caller's tenant, recorded on the batch
 
 
 async def accept(request: Request, farm: Farm, options: Options) -> JSONResponse:
@@ -160,7 +163,7 @@ async def _submit_ndjson(farm: Farm, body: _Body, options: Options) -> Accepted:
     meta = _meta(priority, options.callback_url)
     jobs = _pull(_ndjson_jobs(body.chunks()))
     try:
-        return await _submit_in_thread(farm, jobs, meta)
+        return await _submit_in_thread(farm, jobs, meta, options.tenant)
     except InvalidJob as e:
         for problem in e.details:  # name the line too: job N is line N+1
             if isinstance(problem.get("job"), int):
@@ -175,10 +178,12 @@ async def _submit_json(farm: Farm, body: _Body, options: Options) -> Accepted:
     _check_callback(farm, create.callback_url)
     jobs = create.job_dicts()
     meta = _meta(create.priority, create.callback_url)
-    return await _submit_in_thread(farm, jobs, meta)
+    return await _submit_in_thread(farm, jobs, meta, options.tenant)
 
 
-async def _submit_in_thread(farm: Farm, jobs: Iterable[Any], meta: dict[str, str]) -> Accepted:
+async def _submit_in_thread(
+    farm: Farm, jobs: Iterable[Any], meta: dict[str, str], tenant: str
+) -> Accepted:
     """`submit_batch` off the event loop: validating and writing 100,000 jobs takes seconds."""
     submit = functools.partial(
         submit_batch,
@@ -187,6 +192,8 @@ async def _submit_in_thread(farm: Farm, jobs: Iterable[Any], meta: dict[str, str
         jobs,
         meta=meta,
         native_sizes=farm.native_sizes,
+        families=farm.model_families,
+        tenant=tenant,
     )
     return await to_thread.run_sync(submit)
 

@@ -17,6 +17,13 @@ any API replica answers the same and a restarted API loses nothing:
     sdfarm_model_images_per_second{model}    those workers' images/s, last minute (gauge)
     sdfarm_model_drain_seconds{model}        time to render what waits at that rate; +Inf when
                                              work waits and nothing renders it (gauge)
+    sdfarm_tenant_jobs{tenant,state}         jobs of unexpired batches, per tenant (gauge)
+    sdfarm_tenant_jobs_submitted_total{tenant}        jobs submitted (counter)
+    sdfarm_tenant_jobs_finished_total{tenant,state}   succeeded / failed (counter)
+    sdfarm_tenant_render_seconds_total{tenant}        batched-pass seconds of its jobs (counter)
+
+The tenant series show only the caller's own tenant, unless the caller is an admin (scrape with
+an admin key); tenant names come from the configuration, never from requests, so they are few.
 """
 
 from __future__ import annotations
@@ -34,38 +41,49 @@ from prometheus_client.core import (
 )
 
 from producer.capacity import model_capacity
-from shared.ledger import RENDER_BUCKETS_S
+from shared.ledger import RENDER_BUCKETS_S, STATES
+from shared.ledger.stats import TENANT_OUTCOMES
 
 if TYPE_CHECKING:
     from producer.farm import Farm
+    from producer.tenants import Caller
 
 __all__ = ["FarmCollector", "render_metrics"]
 
 
-def render_metrics(farm: Farm) -> tuple[bytes, str]:
-    """The text exposition and its content type."""
+def render_metrics(farm: Farm, caller: Caller) -> tuple[bytes, str]:
+    """The text exposition (as `caller` may see it) and its content type."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FarmCollector(farm))
+    registry.register(FarmCollector(farm, caller))
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 class FarmCollector:
     """A prometheus_client collector that reads the farm's state when scraped."""
 
-    def __init__(self, farm: Farm) -> None:
+    def __init__(self, farm: Farm, caller: Caller) -> None:
         self.farm = farm
+        self.caller = caller
         self.stats = farm.ledger.stats
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._jobs()
+        since = time.time() - self.farm.settings.status_ttl_s
+        by_tenant = self.stats.job_counts_by_tenant(since)
+        yield from self._jobs(by_tenant)
+        yield from self._tenants(by_tenant)
         yield from self._queues()
         yield self._render_histogram()
         yield from self._outcomes()
         yield from self._workers()
         yield from self._capacity()
 
-    def _jobs(self) -> Iterator[Metric]:
-        totals = self.stats.job_counts(since=time.time() - self.farm.settings.status_ttl_s)
+    def _jobs(self, by_tenant: dict[str, dict[str, int]]) -> Iterator[Metric]:
+        totals: dict[str, int] = {}
+        for counts in by_tenant.values():
+            for state, count in counts.items():
+                totals[state] = totals.get(state, 0) + count
+        for state in STATES:
+            totals.setdefault(state, 0)
         jobs = GaugeMetricFamily(
             "sdfarm_jobs", "Jobs of unexpired batches by state.", labels=["state"]
         )
@@ -77,6 +95,42 @@ class FarmCollector:
             "Batches not yet ended.",
             value=self.stats.active_batch_count(),
         )
+
+    def _tenants(self, by_tenant: dict[str, dict[str, int]]) -> Iterator[Metric]:
+        submitted = self.stats.submitted()
+        finished = self.stats.tenant_outcomes()
+        render_s = self.stats.tenant_render_s()
+        if self.caller.admin:
+            seen = set(by_tenant) | set(submitted) | set(finished) | set(render_s)
+            names = sorted(seen | set(self.farm.tenants.names()))
+        else:
+            names = [self.caller.name]
+        jobs = GaugeMetricFamily(
+            "sdfarm_tenant_jobs",
+            "Jobs of a tenant's unexpired batches by state.",
+            labels=["tenant", "state"],
+        )
+        sent = CounterMetricFamily(
+            "sdfarm_tenant_jobs_submitted", "Jobs a tenant submitted.", labels=["tenant"]
+        )
+        ended = CounterMetricFamily(
+            "sdfarm_tenant_jobs_finished",
+            "A tenant's jobs that ended, by final state.",
+            labels=["tenant", "state"],
+        )
+        seconds = CounterMetricFamily(
+            "sdfarm_tenant_render_seconds",
+            "Seconds of batched passes spent on a tenant's succeeded jobs.",
+            labels=["tenant"],
+        )
+        for name in names:
+            for state in STATES:
+                jobs.add_metric([name, state], by_tenant.get(name, {}).get(state, 0))
+            sent.add_metric([name], submitted.get(name, 0))
+            for state in TENANT_OUTCOMES:
+                ended.add_metric([name, state], finished.get(name, {}).get(state, 0))
+            seconds.add_metric([name], render_s.get(name, 0.0))
+        yield from (jobs, sent, ended, seconds)
 
     def _queues(self) -> Iterator[Metric]:
         depths = self.farm.ledger.queue_depths()

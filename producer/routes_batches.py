@@ -1,4 +1,8 @@
-"""The /v1/batches routes: submit, list, watch, page through jobs, manifest, cancel, retry."""
+"""The /v1/batches routes: submit, list, watch, page through jobs, manifest, cancel, retry.
+
+Each answers only the caller's own batches (an admin's: every tenant's); another tenant's batch
+id is the same 404 as a missing one (`producer.ownership`).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from producer import ingest
 from producer.capacity import unserved_note
-from producer.farm import GUARDED, ApiError, FarmDep, KeyScope
+from producer.farm import GUARDED, ApiError, CallerDep, FarmDep
 from producer.manifest import manifest_lines
+from producer.ownership import check_batch
 from producer.schemas import (
     BatchCancelled,
     BatchList,
@@ -24,14 +29,8 @@ from producer.schemas import (
     errors,
     job_public,
 )
-from shared.jobs import (
-    MAX_CALLBACK_URL_CHARS,
-    MAX_PRIORITY,
-    BatchCreate,
-    JobSpec,
-    JobState,
-    is_batch_id,
-)
+from shared.batches import MAX_CALLBACK_URL_CHARS, BatchCreate
+from shared.jobs import MAX_PRIORITY, JobSpec, JobState, is_batch_id
 from shared.ledger import BatchRecord
 
 __all__ = ["router"]
@@ -73,7 +72,7 @@ async def create_batch(
     *,
     request: Request,
     f: FarmDep,
-    scope: KeyScope,
+    caller: CallerDep,
     idempotency_key: Annotated[
         str | None,
         Header(description="Repeat it to get the first batch back instead of a second one."),
@@ -90,27 +89,30 @@ async def create_batch(
         ),
     ] = None,
 ) -> JSONResponse:
-    options = ingest.Options(scope, idempotency_key, priority, callback_url)
+    options = ingest.Options(caller.scope, idempotency_key, priority, callback_url, caller.name)
     return await ingest.accept(request, f, options)
 
 
 @router.get("/v1/batches", response_model=BatchList, responses=errors(422))
 def list_batches(
     f: FarmDep,
+    caller: CallerDep,
     cursor: Annotated[int, Query(ge=0, le=10**9)] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> BatchList:
-    """Batches, newest first."""
-    records = f.ledger.batches_page(cursor, limit)  # expired ones are dropped, so maybe fewer
+    """The caller's batches (an admin's: every tenant's), newest first."""
+    tenant = caller.listing()  # a tenant pages through its own index, never a filtered page
+    records = f.ledger.batches_page(cursor, limit, tenant=tenant)  # expired ones are dropped
     batches = [_with_estimate(f, record) for record in records]
-    more = cursor + limit < f.ledger.stats.batch_count()
+    more = cursor + limit < f.ledger.stats.batch_count(tenant)
     return BatchList(batches=batches, next_cursor=cursor + limit if more else None)
 
 
 @router.get("/v1/batches/{batch_id}", response_model=BatchPublic, responses=errors(404))
-def get_batch(batch_id: str, f: FarmDep) -> BatchPublic:
+def get_batch(batch_id: str, f: FarmDep, caller: CallerDep) -> BatchPublic:
     """Counters (O(1) whatever the batch size), queue position and ETA."""
     _check_batch_id(batch_id)
+    check_batch(f.ledger, caller, batch_id)
     return _with_estimate(f, f.ledger.batch(batch_id))
 
 
@@ -119,6 +121,7 @@ def list_jobs(
     *,
     batch_id: str,
     f: FarmDep,
+    caller: CallerDep,
     cursor: Annotated[int, Query(ge=0, le=10**9)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     state: JobState | None = None,
@@ -127,6 +130,7 @@ def list_jobs(
     """Jobs in submit order. With `state`, a page holds only jobs in that state; it may hold
     fewer than `limit` when many jobs were skipped, and `next_cursor` resumes after them."""
     _check_batch_id(batch_id)
+    check_batch(f.ledger, caller, batch_id)
     total = f.ledger.batch(batch_id)["total"]  # 404 for an unknown batch
     position = cursor
     ids: list[str] = []
@@ -167,17 +171,19 @@ def list_jobs(
         **errors(404),
     },
 )
-def get_manifest(batch_id: str, f: FarmDep) -> StreamingResponse:
+def get_manifest(batch_id: str, f: FarmDep, caller: CallerDep) -> StreamingResponse:
     """Every job: id, prompt, params, seed, model hash, object key, state and error."""
     _check_batch_id(batch_id)
+    check_batch(f.ledger, caller, batch_id)
     f.ledger.batch(batch_id)
     return StreamingResponse(manifest_lines(f.ledger, batch_id), media_type=ingest.NDJSON)
 
 
 @router.delete("/v1/batches/{batch_id}", response_model=BatchCancelled, responses=errors(404))
-def cancel_batch(batch_id: str, f: FarmDep) -> BatchCancelled:
+def cancel_batch(batch_id: str, f: FarmDep, caller: CallerDep) -> BatchCancelled:
     """Cancel the whole batch: queued jobs never render, running ones stop at the next step."""
     _check_batch_id(batch_id)
+    check_batch(f.ledger, caller, batch_id)
     done = f.ledger.cancel_batch(batch_id)
     log.info("batch %s: cancel requested (%s)", batch_id, done)
     counts = f.ledger.batch(batch_id).counts
@@ -185,9 +191,10 @@ def cancel_batch(batch_id: str, f: FarmDep) -> BatchCancelled:
 
 
 @router.post("/v1/batches/{batch_id}/retry", response_model=Retried, responses=errors(404))
-def retry_batch(batch_id: str, f: FarmDep) -> Retried:
+def retry_batch(batch_id: str, f: FarmDep, caller: CallerDep) -> Retried:
     """Queue the failed and cancelled jobs again, with their original seeds."""
     _check_batch_id(batch_id)
+    check_batch(f.ledger, caller, batch_id)
     requeued = f.ledger.retry_batch(batch_id)  # also makes the batch active again
     log.info("batch %s: %d jobs queued again", batch_id, requeued)
     return Retried(batch_id=batch_id, requeued=requeued, counts=f.ledger.batch(batch_id).counts)

@@ -1,4 +1,8 @@
-"""The /v1/jobs and /v1/workers routes: one job, its image, cancelling it; the live workers."""
+"""The /v1/jobs and /v1/workers routes: one job, its image, cancelling it; the live workers.
+
+A job of another tenant's batch is the same 404 as a missing job (`producer.ownership`); a
+tenant sees every live worker, but among their current jobs only its own.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from fastapi import APIRouter
 from fastapi.responses import RedirectResponse, Response
 
 from producer.capacity import unserved_note
-from producer.farm import GUARDED, ApiError, FarmDep
+from producer.farm import GUARDED, ApiError, CallerDep, FarmDep
+from producer.ownership import check_job, visible_job_ids
 from producer.schemas import JobCancelled, JobPublic, WorkersList, errors, job_public
 from shared.jobs import JobState, is_job_id
 
@@ -20,9 +25,10 @@ router = APIRouter(dependencies=GUARDED, responses=errors(400, 401, 503))
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobPublic, responses=errors(404), tags=["jobs"])
-def get_job(job_id: str, f: FarmDep) -> JobPublic:
+def get_job(job_id: str, f: FarmDep, caller: CallerDep) -> JobPublic:
     """One job: state, progress (step k of n), spec, result, error."""
     _check_job_id(job_id)
+    check_job(f.ledger, caller, job_id)
     record = f.ledger.job(job_id)
     waiting = unserved_note(f.queue.serving_models, [record.model], {record.state.value: 1})
     return job_public(record).model_copy(update={"waiting_for": waiting})
@@ -38,9 +44,10 @@ def get_job(job_id: str, f: FarmDep) -> JobPublic:
         **errors(404, 409),
     },
 )
-def get_image(job_id: str, f: FarmDep) -> Response:
+def get_image(job_id: str, f: FarmDep, caller: CallerDep) -> Response:
     """The job's PNG: a redirect to a short-lived presigned URL, or the bytes themselves."""
     _check_job_id(job_id)
+    check_job(f.ledger, caller, job_id)
     record = f.ledger.job(job_id)
     key = record.image_key
     if record.state is not JobState.SUCCEEDED or key is None:
@@ -56,19 +63,26 @@ def get_image(job_id: str, f: FarmDep) -> Response:
 @router.delete(
     "/v1/jobs/{job_id}", response_model=JobCancelled, responses=errors(404), tags=["jobs"]
 )
-def cancel_job(job_id: str, f: FarmDep) -> JobCancelled:
+def cancel_job(job_id: str, f: FarmDep, caller: CallerDep) -> JobCancelled:
     """Cancel: a queued job never renders, a running one stops at its next sampling step."""
     _check_job_id(job_id)
+    check_job(f.ledger, caller, job_id)
     previous = f.ledger.request_cancel(job_id)
     log.info("job %s: cancel requested (was %s)", job_id, previous)
     return JobCancelled(job_id=job_id, state=f.ledger.job(job_id)["state"], was=previous)
 
 
 @router.get("/v1/workers", response_model=WorkersList, tags=["workers"])
-def workers(f: FarmDep) -> WorkersList:
-    """Live workers from their heartbeats, with images per second over the last minute."""
+def workers(f: FarmDep, caller: CallerDep) -> WorkersList:
+    """Live workers from their heartbeats, with images per second over the last minute.
+
+    `current` lists only the caller's own jobs (an admin's: every job a worker renders).
+    """
     records = f.ledger.workers.live()
+    current = [str(j) for record in records for j in record.get("current") or []]
+    visible = visible_job_ids(f.ledger, caller, current)
     for record in records:
+        record["current"] = [j for j in record.get("current") or [] if j in visible]
         record["images_per_s"] = f.queue.worker_rate(record["worker_id"])
     return WorkersList.model_validate({"workers": records})
 

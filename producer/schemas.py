@@ -46,6 +46,7 @@ class Submitted(BaseModel):
 
 class BatchPublic(BaseModel):
     batch_id: str
+    tenant: str | None = Field(default=None, description="The tenant that submitted it.")
     total: int
     counts: dict[str, int]
     created_at: float
@@ -94,6 +95,9 @@ class JobPublic(BaseModel):
     model_hash: str | None = None
     model_family: str | None = Field(
         default=None, description="The family of the model that rendered it: sd1, sd2, sdxl."
+    )
+    refiner_hash: str | None = Field(
+        default=None, description="The short hash of the SDXL refiner that finished it, if any."
     )
     error: str | None = None
     last_error: str | None = None
@@ -144,7 +148,8 @@ class WorkerPublic(BaseModel):
     models: list[str] = Field(default_factory=list)
     model_hashes: dict[str, str] = Field(default_factory=dict)
     model_families: dict[str, str] = Field(
-        default_factory=dict, description="Each model's family, read from it: sd1, sd2, sdxl."
+        default_factory=dict,
+        description="Each model's family, read from it: sd1, sd2, sdxl, sdxl-refiner.",
     )
     current: list[str] = Field(default_factory=list)
     images_done: int = 0
@@ -207,6 +212,7 @@ def job_public(record: JobRecord, image_url: str | None = None) -> JobPublic:
         timings=record.timings,
         model_hash=record.model_hash,
         model_family=record.get("model_family") or None,
+        refiner_hash=record.get("refiner_hash") or None,
         error=record.error,
         last_error=record.last_error,
         warnings=record.warnings,
@@ -218,6 +224,7 @@ def batch_public(record: BatchRecord, **estimates: Any) -> BatchPublic:
     """The public view of a batch record from `Ledger.batch`, with ETA fields when given."""
     return BatchPublic(
         batch_id=record.batch_id,
+        tenant=record.tenant,
         total=record.total,
         counts=record.counts,
         created_at=record.created_at,
@@ -239,7 +246,7 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 _ERROR_TEXT = {
     400: "An API key in the query string, or a request the farm refuses.",
     401: "Missing or wrong API key (`Authorization: Bearer KEY`).",
-    404: "No such batch or job (never existed, or its record expired).",
+    404: "No such batch or job (never existed, its record expired, or another tenant's).",
     409: "The job is not in a state where this is possible.",
     413: "The request body is over `max_body_bytes`.",
     415: "A body that is neither JSON nor NDJSON.",

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from shared.config import Settings
 from shared.errors import InvalidJob, StorageError, StorageRefused
 from shared.jobs import MAX_SEED, JobSpec, new_batch_id
-from shared.ledger import Ledger
+from shared.ledger import DEFAULT_TENANT, Ledger
 from shared.problems import problems_from
 
 __all__ = ["Accepted", "submit_batch", "validate_jobs"]
@@ -37,10 +37,12 @@ def validate_jobs(
     job_dicts: Iterable[Mapping[str, Any]],
     settings: Settings,
     native_sizes: Mapping[str, int] | None = None,
+    families: Mapping[str, str] | None = None,
 ) -> list[JobSpec]:
     """Validate each job and resolve its model, seed and size; refuse the whole batch on any
     problem. A job that names no width or height gets its model's native size where
-    `native_sizes` knows it (`shared.families`), else the spec's default."""
+    `native_sizes` knows it (`shared.families`), else the spec's default. Where `families`
+    knows a model's family, a refiner must be an sdxl-refiner finishing an sdxl base."""
     sizes = native_sizes or {}
     default_model = settings.resolve_default_model()
     known = settings.model_names()
@@ -75,7 +77,9 @@ def validate_jobs(
         except ValidationError as e:
             problems.extend({"job": index, **p} for p in problems_from(e.errors(include_url=False)))
             continue
-        problem = _check_against_settings(spec, settings, known)
+        problem = _check_against_settings(spec, settings, known) or _check_refiner(
+            spec, known, families or {}
+        )
         if problem:
             problems.append({"job": index, **problem})
             continue
@@ -121,6 +125,41 @@ def _check_against_settings(
             "value": model,
             "message": f"unknown model {model!r}; known: {', '.join(known)}",
         }
+    return None
+
+
+def _check_refiner(
+    spec: JobSpec, known: list[str], families: Mapping[str, str]
+) -> dict[str, Any] | None:
+    """The refiner is a configured model, and the families fit where they are known here (the
+    worker checks again for models whose folders only the workers can read)."""
+    if spec.refiner is None:
+        if families.get(str(spec.model)) == "sdxl-refiner":
+            return {
+                "field": "model",
+                "value": spec.model,
+                "message": f"{spec.model!r} is an SDXL refiner: it finishes what an SDXL base "
+                "starts; name an sdxl model in `model` and this one in `refiner`",
+            }
+        return None
+    if spec.refiner not in known:
+        return {
+            "field": "refiner",
+            "value": spec.refiner,
+            "message": f"unknown model {spec.refiner!r}; known: {', '.join(known)}",
+        }
+    for field, name, wanted in (
+        ("refiner", spec.refiner, "sdxl-refiner"),
+        ("model", str(spec.model), "sdxl"),
+    ):
+        family = families.get(name)
+        if family is not None and family != wanted:
+            return {
+                "field": field,
+                "value": name,
+                "message": f"a job with a refiner needs an sdxl base and an sdxl-refiner; "
+                f"{name!r} is {family}",
+            }
     return None
 
 
@@ -170,11 +209,14 @@ def submit_batch(
     *,
     meta: dict[str, str] | None = None,
     native_sizes: Mapping[str, int] | None = None,
+    families: Mapping[str, str] | None = None,
+    tenant: str = DEFAULT_TENANT,
 ) -> Accepted:
-    """Validate, then record every job as `queued`; nothing is written if any job is refused."""
-    specs = validate_jobs(job_dicts, settings, native_sizes)
+    """Validate, then record every job as `queued`; nothing is written if any job is refused.
+    The batch belongs to `tenant` (the caller's)."""
+    specs = validate_jobs(job_dicts, settings, native_sizes, families)
     _check_init_image_keys(specs, settings)
     batch_id = new_batch_id()
-    job_ids = ledger.create_batch(batch_id, specs, meta=meta)
-    log.info("batch %s: %d jobs queued", batch_id, len(job_ids))
+    job_ids = ledger.create_batch(batch_id, specs, meta=meta, tenant=tenant)
+    log.info("batch %s: %d jobs queued for tenant %s", batch_id, len(job_ids), tenant)
     return Accepted(batch_id=batch_id, job_ids=job_ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
@@ -48,8 +49,16 @@ class Settings(BaseSettings):
     default_model: str | None = None
     # Where clients find the API.
     api_url: str = "http://127.0.0.1:8000"
-    # Server side: accepted API keys (comma separated); empty means no authentication.
+    # Server side: accepted API keys, comma separated, each `TENANT:KEY` or a bare `KEY` (tenant
+    # `default`); producer/tenants.py parses them at API startup. No keys anywhere (here, in
+    # admin_keys, in tenants_file) means no authentication: every caller is an admin.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Server side: operators' keys, the same syntax (a bare `KEY` belongs to tenant `admin`);
+    # they see every tenant's batches, jobs and workers.
+    admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Server side: a TOML file of tenants (their keys as SHA-256 digests, never the keys; their
+    # role and limits), for real deployments; see producer/tenants.py.
+    tenants_file: Path | None = None
     # Client side: the key sent as `Authorization: Bearer ...`.
     api_key: str | None = None
 
@@ -132,12 +141,17 @@ class Settings(BaseSettings):
     def _parse_models(cls, value: object) -> object:
         return parse_models(value) if isinstance(value, str) else value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _parse_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @field_validator("tenants_file", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("storage_url")
     @classmethod

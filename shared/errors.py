@@ -4,6 +4,7 @@
     ├── InvalidJob            (permanent)  a job spec or request that breaks a rule
     ├── UnknownId             (permanent)  a batch or job id the ledger does not hold
     ├── AccessDenied          (permanent)  the API refused the client's key (missing or wrong)
+    ├── ConfigError           (permanent)  settings that cannot work (keys, the tenants file)
     ├── IllegalTransition     (permanent)  a state change the ledger refuses
     ├── ModelLoadError        (permanent)  a model that cannot be loaded at worker start
     ├── WorkerSetupError      (permanent)  worker options this machine cannot honour (--gpus)
@@ -27,6 +28,7 @@ from typing import Any
 
 __all__ = [
     "AccessDenied",
+    "ConfigError",
     "FailureReason",
     "FarmUnreachable",
     "IllegalTransition",
@@ -79,6 +81,11 @@ class UnknownId(SdfarmError):
 
 class AccessDenied(SdfarmError):
     """The API refused the client's key: none was sent, or it is not one of SDFARM_API_KEYS."""
+
+
+class ConfigError(SdfarmError):
+    """Settings that cannot work, found at startup: a malformed SDFARM_API_KEYS entry, a tenants
+    file holding a key in clear text. The message names the setting and what to write instead."""
 
 
 class IllegalTransition(SdfarmError):

@@ -16,12 +16,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    Strict,
     StringConstraints,
-    TypeAdapter,
-    ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from shared.errors import InvalidJob
@@ -35,17 +33,12 @@ from shared.samplers import SAMPLER_IDS, sampler_help
 
 __all__ = [
     "DEFAULT_PRIORITY",
-    "MAX_CALLBACK_URL_CHARS",
     "MAX_PRIORITY",
     "SCHEDULERS",
     "TERMINAL_STATES",
-    "BatchCreate",
-    "CallbackUrl",
     "JobSpec",
     "JobState",
     "batch_of",
-    "check_callback_url",
-    "compat_key",
     "is_batch_id",
     "is_job_id",
     "job_id_for",
@@ -65,6 +58,12 @@ MAX_STEPS = 150
 MAX_PRIORITY = 9  # batch priority runs 0..9; 9 is the most urgent
 MAX_CONDITIONING_PX = 8192  # SDXL's size conditioning: numbers the U-Net embeds, not pixels made
 DEFAULT_PRIORITY = 5  # the middle, so that background work can ask for less
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # a model name, as shared/config.py allows them
+# SDXL's refiner, as A1111 and diffusers default it: the base denoises the first 80 % of the noise
+# schedule; the refiner's aesthetic-score conditioning is 6 for the image and 2.5 for its negative.
+DEFAULT_REFINER_SWITCH_AT = 0.8
+DEFAULT_AESTHETIC_SCORE = 6.0
+DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
 class JobState(enum.StrEnum):
@@ -127,8 +126,40 @@ class JobSpec(BaseModel):
     crop_top: int = Field(
         default=0, ge=0, le=MAX_CONDITIONING_PX, description="SDXL: crop top-left, pixels."
     )
+    # SDXL's refiner: the base renders up to the switch point, the refiner finishes the image.
+    refiner: str | None = Field(
+        default=None, description="SDXL: a configured sdxl-refiner model that finishes the image."
+    )
+    refiner_switch_at: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description=f"SDXL: the share of the noise schedule the base denoises before the refiner "
+        f"takes over, (0, 1); {DEFAULT_REFINER_SWITCH_AT} when unset.",
+    )
+    aesthetic_score: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=10.0,
+        description=f"SDXL refiner: aesthetic-score conditioning; {DEFAULT_AESTHETIC_SCORE} when "
+        "unset.",
+    )
+    negative_aesthetic_score: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=10.0,
+        description=f"SDXL refiner: the negative prompt's aesthetic score; "
+        f"{DEFAULT_NEGATIVE_AESTHETIC_SCORE} when unset.",
+    )
 
-    @field_validator("guidance", "strength", mode="before")
+    @field_validator(
+        "guidance",
+        "strength",
+        "refiner_switch_at",
+        "aesthetic_score",
+        "negative_aesthetic_score",
+        mode="before",
+    )
     @classmethod
     def _finite(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, bool):
@@ -186,69 +217,46 @@ class JobSpec(BaseModel):
             raise ValueError("prompt must contain something other than whitespace")
         return value
 
+    @field_validator("refiner")
+    @classmethod
+    def _a_model_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and value == info.data.get("model"):
+            raise ValueError("refiner names the job's own model; name an sdxl-refiner model")
+        if value is not None and not _NAME_RE.match(value):
+            raise ValueError(f"refiner must be a model name, got {value[:80]!r}")
+        return value
+
+    @field_validator("refiner_switch_at", "aesthetic_score", "negative_aesthetic_score")
+    @classmethod
+    def _needs_a_refiner(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("refiner") is None:
+            raise ValueError(f"{info.field_name} applies only to jobs with a refiner")
+        return value
+
+    @model_validator(mode="after")
+    def _refiner_after_the_init_image(self) -> JobSpec:
+        """img2img with a refiner: the base must start above the switch point, or the refiner
+        would denoise from more noise than the init image was given."""
+        img2img = self.refiner is not None and self.init_image is not None
+        if img2img and self.denoising_strength <= 1 - self.switch_at:
+            raise ValueError(
+                f"strength {self.denoising_strength:g} starts below the refiner's switch "
+                f"point ({self.switch_at:g}); with a refiner, strength must be above "
+                f"1 - refiner_switch_at = {1 - self.switch_at:g}"
+            )
+        return self
+
     @property
     def denoising_strength(self) -> float:
         """img2img's strength, the default when the job gave none."""
         return DEFAULT_STRENGTH if self.strength is None else self.strength
 
-
-MAX_CALLBACK_URL_CHARS = 2000
-# A batch's callback URL: the one rule, for a JSON body's field and an NDJSON submission's query.
-CallbackUrl = Annotated[
-    str, StringConstraints(max_length=MAX_CALLBACK_URL_CHARS, pattern=r"^https?://[^\s]+$")
-]
-_CALLBACK_URL: TypeAdapter[str] = TypeAdapter(CallbackUrl)
-
-
-def check_callback_url(url: str) -> str:
-    """`url` if it is a `CallbackUrl`; else InvalidJob saying what one looks like."""
-    try:
-        return _CALLBACK_URL.validate_python(url)
-    except ValidationError as e:
-        raise InvalidJob(
-            f"`callback_url` must be an http(s) URL of at most {MAX_CALLBACK_URL_CHARS} "
-            f"characters, got {url[:80]!r}",
-            [{"field": "callback_url", "message": "not an http(s) URL"}],
-        ) from e
-
-
-class BatchCreate(BaseModel):
-    """A submission: either full `jobs`, or `prompts` that share `defaults`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    jobs: list[dict[str, Any]] | None = None
-    prompts: list[str] | None = None
-    defaults: dict[str, Any] = Field(default_factory=dict)
-    priority: Annotated[int, Strict()] = Field(
-        default=DEFAULT_PRIORITY,
-        ge=0,
-        le=MAX_PRIORITY,
-        description="0-9; 9 is the most urgent: higher-priority work is picked first.",
-    )
-    callback_url: CallbackUrl | None = Field(
-        default=None,
-        description="POSTed the batch summary (signed, X-Sdfarm-Signature) when the batch ends.",
-    )
-
-    def job_dicts(self) -> list[dict[str, Any]]:
-        if (self.jobs is None) == (self.prompts is None):
-            raise InvalidJob("give exactly one of `jobs` (a list of job objects) or `prompts`")
-        if "prompt" in self.defaults:
-            raise InvalidJob("`defaults` may not hold a prompt; put prompts in `prompts`")
-        if self.jobs is not None:
-            return [{**self.defaults, **job} for job in self.jobs]
-        assert self.prompts is not None
-        return [{**self.defaults, "prompt": prompt} for prompt in self.prompts]
-
-
-def compat_key(spec: JobSpec) -> str:
-    """Jobs with the same key can share one batched pass on the GPU."""
-    key = f"{spec.model}|{spec.width}x{spec.height}|{spec.steps}|{spec.scheduler}"
-    if spec.init_image is not None:
-        # The strength sets where sampling starts, so only equal strengths share a pass.
-        key += f"|img2img@{spec.denoising_strength:g}"
-    return key
+    @property
+    def switch_at(self) -> float:
+        """The refiner's switch point, the default when the job gave none."""
+        if self.refiner_switch_at is None:
+            return DEFAULT_REFINER_SWITCH_AT
+        return self.refiner_switch_at
 
 
 _BATCH_RE = re.compile(r"^b[0-9a-f]{20}$")

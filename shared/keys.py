@@ -26,6 +26,11 @@ class Keys:
     def batches(self) -> str:
         return f"{self.prefix}:batches"  # zset batch id -> created_at, newest last
 
+    def tenant_batches(self, tenant: str) -> str:
+        # zset batch id -> created_at of one tenant's batches; like `batches`, no TTL, and ids
+        # whose record expired are dropped as pages are read
+        return f"{self.prefix}:tenant:{tenant}:batches"
+
     # Pending work (see `shared.ledger.pending`): one list of job ids per (compat key,
     # batch), indexed three ways. The Lua scripts build these names from these methods.
 

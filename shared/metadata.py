@@ -10,7 +10,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from shared.jobs import DEFAULT_STRENGTH
+from shared.jobs import DEFAULT_REFINER_SWITCH_AT, DEFAULT_STRENGTH
 from shared.samplers import SAMPLERS
 
 __all__ = ["SAMPLER_LABELS", "encode_png", "infotext", "read_png_metadata"]
@@ -19,8 +19,15 @@ __all__ = ["SAMPLER_LABELS", "encode_png", "infotext", "read_png_metadata"]
 SAMPLER_LABELS: dict[str, str] = {s.id: s.label for s in SAMPLERS}
 
 
-def infotext(spec: dict[str, Any], *, model_name: str, model_hash: str | None = None) -> str:
-    """The A1111 `parameters` text: prompt, `Negative prompt:` line when set, then settings."""
+def infotext(
+    spec: dict[str, Any],
+    *,
+    model_name: str,
+    model_hash: str | None = None,
+    refiner_hash: str | None = None,
+) -> str:
+    """The A1111 `parameters` text: prompt, `Negative prompt:` line when set, then settings (with
+    a refiner, A1111's `Refiner: name [hash]` and `Refiner switch at`)."""
     lines = [spec["prompt"]]
     if spec.get("negative_prompt"):
         lines.append(f"Negative prompt: {spec['negative_prompt']}")
@@ -38,6 +45,11 @@ def infotext(spec: dict[str, Any], *, model_name: str, model_hash: str | None = 
         strength = spec.get("strength")
         strength = DEFAULT_STRENGTH if strength is None else strength
         settings.append(f"Denoising strength: {strength:g}")
+    if spec.get("refiner"):
+        hashed = f" [{refiner_hash}]" if refiner_hash else ""
+        switch = spec.get("refiner_switch_at")
+        switch = DEFAULT_REFINER_SWITCH_AT if switch is None else switch
+        settings += [f"Refiner: {spec['refiner']}{hashed}", f"Refiner switch at: {switch:g}"]
     lines.append(", ".join(settings))
     return "\n".join(lines)
 
@@ -49,11 +61,15 @@ def encode_png(
     model_name: str,
     model_hash: str | None,
     extra: dict[str, Any] | None = None,
+    refiner_hash: str | None = None,
 ) -> bytes:
     """PNG bytes with the `parameters` chunk and an `sdfarm` JSON chunk holding the full spec."""
     info = PngInfo()
-    info.add_text("parameters", infotext(spec, model_name=model_name, model_hash=model_hash))
+    text = infotext(spec, model_name=model_name, model_hash=model_hash, refiner_hash=refiner_hash)
+    info.add_text("parameters", text)
     record = {"spec": _without_image_data(spec), "model_hash": model_hash, **(extra or {})}
+    if refiner_hash is not None:
+        record["refiner_hash"] = refiner_hash
     info.add_text("sdfarm", json.dumps(record))
     out = io.BytesIO()
     pixels.save(out, format="PNG", pnginfo=info, compress_level=4)

@@ -1,4 +1,4 @@
-"""The tiny model fixture: written once per test session, shared by every test that renders.
+"""The tiny model fixtures: written once per test session, shared by every test that renders.
 
 Registered for every test module by `pytest_plugins` in tests/conftest.py.
 """
@@ -18,6 +18,18 @@ from worker.tiny import make_tiny
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD 1.x-architecture model folder (epsilon prediction, seed 0)."""
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL base folder (`make-tiny --arch sdxl`)."""
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny-sdxl", arch="sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_refiner_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL refiner folder (`make-tiny --arch sdxl-refiner`)."""
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny-refiner", arch="sdxl-refiner")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 
 from bench.gpu import count_tflop
 from bench.sd15 import build_sd15
+from bench.sdxl import build_sdxl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,10 +20,10 @@ def test_the_gpu_benchmark_runs_tiny_on_a_cpu_and_writes_its_json(tmp_path: Path
     # Given no GPU, and the script run as the lead runs it on one (a script, not a module)
     out = tmp_path / "gpu.json"
 
-    # When it runs with --tiny (a generous budget: this machine's CPUs are shared)
+    # When it runs with --tiny on SD 1.5 (a generous budget: this machine's CPUs are shared)
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--out", str(out),
-         "--budget-s", "900", "--grace-s", "300"],
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--model", "sd15",
+         "--out", str(out), "--budget-s", "900", "--grace-s", "300"],
         capture_output=True, text=True, timeout=1200, cwd=tmp_path, check=False,
     )  # fmt: skip
 
@@ -66,3 +67,70 @@ def test_the_full_size_model_is_sd15_by_its_parameters_and_flops() -> None:
     flops = count_tflop(model, 512)
     assert round(flops["unet_step_tflop"], 1) == 1.6
     assert round(flops["image_tflop"]) == 83
+
+
+def test_the_gpu_benchmark_runs_the_tiny_sdxl_through_the_farm_on_a_cpu(tmp_path: Path) -> None:
+    # Given no GPU, and the script run as on the GPU machine, for SDXL alone
+    out = tmp_path / "gpu-sdxl.json"
+
+    # When it runs with --tiny --model sdxl (the same path as full size, at 64x64)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--model", "sdxl",
+         "--out", str(out), "--budget-s", "900", "--grace-s", "300"],
+        capture_output=True, text=True, timeout=1200, cwd=tmp_path, check=False,
+    )  # fmt: skip
+
+    # Then it exits cleanly and prints SDXL's table, at SDXL's 30 steps
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "tiny SDXL on cpu, 64x64" in done.stdout
+    assert "img/s@30" in done.stdout
+
+    # And the JSON holds diffusers' SDXL pipeline and the farm eager at 1 and 2 rows and compiled,
+    # every one marked as SDXL's, with positive figures
+    data = json.loads(out.read_text())
+    runs = {(c["model"], c["engine"], c["rows"], c["compiled"]) for c in data["configs"]}
+    assert runs == {
+        ("sdxl", "diffusers", 1, False),
+        ("sdxl", "farm", 1, False),
+        ("sdxl", "farm", 2, False),
+        ("sdxl", "farm", 1, True),
+    }, data["skipped"]
+    assert data["skipped"] == []
+    for config in data["configs"]:
+        assert config["target_steps"] == 30
+        assert config["s_per_step"] > 0
+        assert config["images_per_s_30"] > 0
+        assert config["tflops"] > 0
+        assert 0 < config["peak_fraction"] < 1
+    assert all(c["failed_rows"] == 0 for c in data["configs"] if c["engine"] == "farm")
+    # And SDXL's FLOPs were counted (its added conditioning included), an image at 30 steps
+    sdxl = data["models"]["sdxl"]
+    assert sdxl["size"] == "64x64"
+    assert 0 < sdxl["flops"]["unet_step_tflop"] < 0.01
+    assert sdxl["flops"]["image_tflop"] > 30 * sdxl["flops"]["unet_step_tflop"]
+    assert "30 steps for SDXL" in data["method"]
+
+
+def test_the_full_size_sdxl_is_sdxl_base_by_its_parameters() -> None:
+    # Given SDXL built from the configs in bench/sdxl.py, on the meta device (shapes only)
+    model = build_sdxl(torch.device("meta"), torch.float16)
+
+    # Then it is an SDXL model of 1024x1024 whose parts have SDXL 1.0 base's parameter counts
+    def millions(module: torch.nn.Module) -> float:
+        return round(sum(p.numel() for p in module.parameters()) / 1e6, 1)
+
+    assert model.family == "sdxl"
+    assert model.native_px == 1024
+    assert model.text_encoder is not None and model.text_encoder_2 is not None
+    assert millions(model.unet) == 2567.5
+    assert millions(model.text_encoder) == 123.1
+    assert millions(model.text_encoder_2) == 694.7
+    assert millions(model.vae) == 83.7
+    # And its VAE is kept in float32 (force_upcast), the rest in float16
+    assert model.vae.dtype == torch.float32
+    assert model.unet.dtype == torch.float16
+    # And a guided step at 1024x1024 costs 13.5 TFLOP as counted (6.8 a sample: its attention
+    # and convolutions add up to about that by hand), an image at 30 steps about 416
+    flops = count_tflop(model, 1024, target_steps=30)
+    assert round(flops["unet_step_tflop"], 1) == 13.5
+    assert round(flops["image_tflop"]) == 416

@@ -22,7 +22,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from shared.errors import InvalidJob
-from shared.jobs import JobSpec, compat_key
+from shared.jobs import JobSpec
+from shared.routing import compat_key
 from tests.test_samplers import REFERENCE
 from worker.init_images import load_init_image
 from worker.models import LoadedModel, load_model

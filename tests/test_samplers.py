@@ -190,11 +190,11 @@ MIXED = [
 
 
 def together_and_alone(
-    model: LoadedModel, rows: list[Row], params: PassParams
+    model: LoadedModel, rows: list[Row], params: PassParams, refiner: LoadedModel | None = None
 ) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
     """The rows' images rendered in one pass, and each rendered alone."""
-    together = render_pass(model, rows, params).images
-    alone = [render_pass(model, [row], params).images[0] for row in rows]
+    together = render_pass(model, rows, params, refiner=refiner).images
+    alone = [render_pass(model, [row], params, refiner=refiner).images[0] for row in rows]
     return together, alone
 
 

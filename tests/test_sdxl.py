@@ -187,7 +187,20 @@ def test_an_sdxl_chunk_goes_through_the_farm_path_and_its_png_says_what_it_rende
 
 
 @pytest.mark.parametrize(
-    ("name", "strength"), [("lms", 0.6), ("euler_a", 0.75), ("dpmpp_2m_karras", 1.0)]
+    ("name", "strength"),
+    [
+        ("lms", 0.6),
+        ("euler_a", 0.75),
+        ("dpmpp_2m_karras", 1.0),
+        # and every other sampler
+        ("euler", 0.75),
+        ("heun", 0.5),
+        ("ddim", 0.75),
+        ("pndm", 0.75),
+        ("dpmpp_2m", 0.6),
+        ("unipc", 0.75),
+        ("dpmpp_sde", 0.6),
+    ],
 )
 def test_sdxl_img2img_renders_the_pixels_the_diffusers_sdxl_img2img_pipeline_renders(
     sdxl: LoadedModel, sdxl_dir: Path, name: str, strength: float, report: Callable[..., None]

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Sequence
 
 from shared.errors import FailureReason, StorageError
+from shared.routing import route_models
 from worker.claim import claim_jobs
 from worker.context import ChunkOutcome, WorkerContext
 from worker.models import LoadedModel
@@ -36,15 +37,23 @@ log = logging.getLogger(__name__)
 def process_chunk(ctx: WorkerContext, job_ids: Sequence[str], model_name: str) -> ChunkOutcome:
     """Claim, render, store and report one chunk; what it did as far as it knows on return."""
     outcome = ChunkOutcome()
-    model = ctx.models.get(model_name)
+    # `model_name` is the chunk's route: a model, or `base+refiner` (shared/jobs.py).
+    held = [ctx.models.get(name) for name in route_models(model_name)]
+    models = [m for m in held if m is not None]
     reporter = Reporter(ctx.ledger, ctx.settings, ctx.worker_id)
     # 1. Claim.
     claim = claim_jobs(
-        ctx.ledger, ctx.worker_id, job_ids, model_name, holds_model=model is not None
+        ctx.ledger, ctx.worker_id, job_ids, model_name, holds_model=len(models) == len(held)
     )
     outcome.skipped += claim.skipped
     outcome.failed += claim.failed
-    if not claim.jobs or model is None:
+    if not claim.jobs or len(models) != len(held):
+        return outcome
+    model, refiner = models[0], (models[1] if len(models) > 1 else None)
+    mismatch = _family_mismatch(model, refiner)
+    if mismatch is not None:  # the API could not read the folders to refuse it at submit
+        for job in claim.jobs:
+            outcome.add(job.job_id, reporter.fail_now(job.job_id, mismatch, INVALID))
         return outcome
     outcome.claimed = [job.job_id for job in claim.jobs]
     ctx.state.current = outcome.claimed
@@ -60,7 +69,13 @@ def process_chunk(ctx: WorkerContext, job_ids: Sequence[str], model_name: str) -
             params = pass_params(claim.jobs[0].spec)
             results = (
                 render_rows(
-                    model, params, ready, monitor=monitor, state=ctx.state, settings=ctx.settings
+                    model,
+                    params,
+                    ready,
+                    monitor=monitor,
+                    state=ctx.state,
+                    settings=ctx.settings,
+                    refiner=refiner,
                 )
                 if ready
                 else []
@@ -70,10 +85,26 @@ def process_chunk(ctx: WorkerContext, job_ids: Sequence[str], model_name: str) -
                 if isinstance(result, NotRendered):
                     outcome.add(result.job.job_id, _not_rendered(reporter, result))
             # 4. and 5. Store, then report.
-            _store(ctx, reporter, model, rendered, outcome)
+            _store(ctx, reporter, model, rendered, outcome, refiner=refiner)
     finally:
         ctx.state.current = []
     return outcome
+
+
+INVALID = FailureReason.INVALID_INPUT
+
+
+def _family_mismatch(model: LoadedModel, refiner: LoadedModel | None) -> str | None:
+    """Why these models cannot render the chunk's jobs, if they cannot: a refiner only finishes
+    what an SDXL base starts."""
+    if refiner is None and model.family == "sdxl-refiner":
+        return f"{model.name} is an SDXL refiner: name it in `refiner` of a job for an sdxl model"
+    if refiner is not None and (model.family, refiner.family) != ("sdxl", "sdxl-refiner"):
+        return (
+            f"a job with a refiner needs an sdxl base and an sdxl-refiner; {model.name} is "
+            f"{model.family} and {refiner.name} is {refiner.family}"
+        )
+    return None
 
 
 def _unreadable(reporter: Reporter, bad: Unreadable) -> str:
@@ -81,7 +112,7 @@ def _unreadable(reporter: Reporter, bad: Unreadable) -> str:
         return reporter.storage_failed(
             bad.job.job_id, bad.error, "its init image could not be read"
         )
-    return reporter.fail_now(bad.job.job_id, str(bad.error), FailureReason.INVALID_INPUT)
+    return reporter.fail_now(bad.job.job_id, str(bad.error), INVALID)
 
 
 def _not_rendered(reporter: Reporter, result: NotRendered) -> str:
@@ -98,13 +129,17 @@ def _store(
     model: LoadedModel,
     rendered: list[Rendered],
     outcome: ChunkOutcome,
+    *,
+    refiner: LoadedModel | None,
 ) -> None:
     """Store the images now, or in the output pipeline while the next chunk renders."""
     if not rendered:
         return
 
     def store() -> list[tuple[str, str]]:
-        return store_rendered(reporter, ctx.storage, model, rendered, state=ctx.state)
+        return store_rendered(
+            reporter, ctx.storage, model, rendered, state=ctx.state, refiner=refiner
+        )
 
     if ctx.output is None:
         for job_id, state in store():

@@ -23,6 +23,7 @@ from shared.errors import FailureReason
 from shared.jobs import JobSpec, JobState
 from shared.ledger import Ledger
 from shared.problems import problems_from, summary
+from shared.routing import route_of
 
 __all__ = ["Claim", "Claimed", "claim_jobs"]
 
@@ -49,7 +50,8 @@ class Claim:
 def claim_jobs(
     ledger: Ledger, worker_id: str, job_ids: Sequence[str], model_name: str, *, holds_model: bool
 ) -> Claim:
-    """Claim the chunk's jobs that are queued for `model_name`; see the module's steps."""
+    """Claim the chunk's jobs that are queued for `model_name` (a model, or `base+refiner`: the
+    job's route, shared/jobs.py); see the module's steps."""
     claim = Claim()
     for job_id, record in zip(job_ids, ledger.jobs(job_ids), strict=True):
         # 2. Only queued jobs of a model this worker holds.
@@ -62,7 +64,7 @@ def claim_jobs(
         except pydantic.ValidationError as e:
             _fail_unreadable(ledger, job_id, summary(problems_from(e.errors())), claim)
             continue
-        if spec.model != model_name:
+        if route_of(spec) != model_name:
             claim.skipped.append(job_id)
             continue
         # 4. Running, with a lease.

@@ -1,23 +1,30 @@
-"""Writing a diffusers model as one file in the original LDM key layout (A1111's, ComfyUI's).
+"""Writing a diffusers model as one file in the original key layout (A1111's, ComfyUI's).
 
 The inverse of what diffusers' single-file loader reads (worker/checkpoints.py loads with it), in
-the way of diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py, but with the
-number of layers per block read from the model's config instead of assumed to be SD's 2, so that
-the tiny test model can be written as a single-file checkpoint too. SD 1.x text encoders only
-(CLIP's layout, `cond_stage_model.transformer.`); SD 2.x's OpenCLIP layout is not written.
+the way of diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py and
+convert_diffusers_to_original_sdxl.py, but with the number of layers per block read from the
+model's config instead of assumed to be SD's 2, so that the tiny test models can be written as
+single-file checkpoints too (the transformer depth of each block needs nothing: its layers keep
+their diffusers names). SD 1.x is written in LDM's layout, its text encoder under
+`cond_stage_model.transformer.`; SDXL base and refiner in SGM's, the U-Net's `text_time`
+embedding as `label_emb.0.*` and the text encoders under `conditioner.embedders.N.` (CLIP ViT-L
+in Hugging Face's layout, OpenCLIP ViT-bigG in OpenCLIP's). SD 2.x's OpenCLIP ViT-H is not written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+from shared.checkpoint_keys import SD1_TEXT, SDXL_REFINER_TEXT, SDXL_TEXT, SDXL_TEXT_2
 
 __all__ = ["write_single_file"]
 
@@ -37,8 +44,19 @@ _UNET_TOP = [
     ("input_blocks.0.0.", "conv_in."),
     ("out.0.", "conv_norm_out."),
     ("out.2.", "conv_out."),
+    # SDXL's `text_time` conditioning (pooled text embedding, sizes and crop): a 2-layer MLP.
+    ("label_emb.0.0.", "add_embedding.linear_1."),
+    ("label_emb.0.2.", "add_embedding.linear_2."),
 ]
 _VAE_ATTENTION = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v.")]
+# A Hugging Face CLIP layer's parts, by their OpenCLIP names (its attention's q, k, v are fused).
+_OPEN_CLIP_LAYER = [
+    ("layer_norm1.", "ln_1."),
+    ("layer_norm2.", "ln_2."),
+    ("mlp.fc1.", "mlp.c_fc."),
+    ("mlp.fc2.", "mlp.c_proj."),
+    ("self_attn.out_proj.", "attn.out_proj."),
+]
 
 
 def _unet_prefixes(layers: int, blocks: int, attention_down: list[bool]) -> list[tuple[str, str]]:
@@ -122,18 +140,64 @@ def _vae_state(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
     return out
 
 
+def _clip_state(encoder: CLIPTextModel, prefix: str) -> dict[str, torch.Tensor]:
+    """CLIP ViT-L as LDM and SGM keep it: Hugging Face's names, under `text_model.`, with the
+    position ids that real checkpoints carry (a buffer that transformers no longer saves)."""
+    positions = torch.arange(encoder.config.max_position_embeddings)[None]
+    out = {prefix + "text_model.embeddings.position_ids": positions}
+    for key, value in encoder.state_dict().items():
+        # transformers >= 5.6 names CLIPTextModel's parameters without `text_model.`
+        out[prefix + "text_model." + key.removeprefix("text_model.")] = value
+    return out
+
+
+def _open_clip_state(encoder: CLIPTextModelWithProjection, prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder with projection in OpenCLIP's layout, as SGM keeps SDXL's ViT-bigG."""
+    state = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
+    state.pop("embeddings.position_ids", None)  # a buffer in older transformers
+    out = {
+        "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        "ln_final.weight": state.pop("final_layer_norm.weight"),
+        "ln_final.bias": state.pop("final_layer_norm.bias"),
+        # OpenCLIP multiplies by it (x @ P), a Linear by its transpose.
+        "text_projection": state.pop("text_projection.weight").T.contiguous(),
+        # CLIP's similarity temperature, kept by SGM with the rest of the model; nothing reads it.
+        "logit_scale": torch.tensor(math.log(1 / 0.07)),
+    }
+    for i in range(encoder.config.num_hidden_layers):
+        layer, block = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            fused = [state.pop(f"{layer}self_attn.{q}_proj.{kind}") for q in "qkv"]
+            out[f"{block}attn.in_proj_{kind}"] = torch.cat(fused)
+            for hf, open_clip in _OPEN_CLIP_LAYER:
+                out[block + open_clip + kind] = state.pop(layer + hf + kind)
+    if state:
+        raise ValueError(f"no OpenCLIP name for {sorted(state)[:3]}")
+    return {prefix + key: value for key, value in out.items()}
+
+
+def _text_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The model's text encoder(s): LDM's for SD 1.x, SGM's conditioner for SDXL (base, refiner)."""
+    if not (model_dir / "text_encoder_2").is_dir():
+        return _clip_state(CLIPTextModel.from_pretrained(model_dir / "text_encoder"), SD1_TEXT)
+    second = CLIPTextModelWithProjection.from_pretrained(model_dir / "text_encoder_2")
+    if not (model_dir / "text_encoder").is_dir():  # the refiner: ViT-bigG alone, first
+        return _open_clip_state(second, SDXL_REFINER_TEXT)
+    first = CLIPTextModel.from_pretrained(model_dir / "text_encoder")
+    return _clip_state(first, SDXL_TEXT) | _open_clip_state(second, SDXL_TEXT_2)
+
+
 def write_single_file(model_dir: Path, out: Path) -> Path:
-    """Write the diffusers SD 1.x model at `model_dir` as one LDM `.safetensors` file at `out`.
+    """Write the diffusers SD 1.x or SDXL (base or refiner) model at `model_dir` as one
+    `.safetensors` file at `out`, in the original layout (LDM's; SGM's for SDXL).
 
     Beside it, `<out minus suffix>.config/` receives the folder's configs and tokenizer (no
     weights): worker/checkpoints.py reads a model's configuration from there when present.
     """
     unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
     vae = AutoencoderKL.from_pretrained(model_dir / "vae")
-    text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder")
-    state = _unet_state(unet) | _vae_state(vae)
-    for key, value in text_encoder.state_dict().items():
-        state["cond_stage_model.transformer." + key] = value
+    state = _unet_state(unet) | _vae_state(vae) | _text_state(model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, out)
     config_dir = out.with_suffix(".config")

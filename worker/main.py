@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -105,8 +106,9 @@ def run_worker(
             target=_heartbeat, args=(ctx, device, stop), name="heartbeat", daemon=True
         )
         beat.start()
-        queues = [model_queue(name) for name in loaded]
-        log.info("worker %s serving %s on %s", worker_id, ", ".join(loaded), device)
+        served = routes(loaded)
+        queues = [model_queue(route) for route in served]
+        log.info("worker %s serving %s on %s", worker_id, ", ".join(served), device)
         worker = app.Worker(
             hostname=f"{worker_id}@{socket.gethostname()}",
             pool="solo",
@@ -125,6 +127,15 @@ def run_worker(
         ledger.workers.forget(worker_id)
 
 
+def routes(models: Mapping[str, LoadedModel]) -> list[str]:
+    """What a worker holding `models` serves: each model, and each SDXL base with each SDXL
+    refiner it also holds (`base+refiner`, shared/jobs.py), both resident, so that a refined
+    job renders on one worker in one go."""
+    bases = [name for name, m in models.items() if m.family == "sdxl"]
+    refiners = [name for name, m in models.items() if m.family == "sdxl-refiner"]
+    return sorted(models) + [f"{base}+{refiner}" for base in bases for refiner in refiners]
+
+
 def _shutdown_deadline(ctx: WorkerContext) -> Any:
     """The receiver of Celery's `worker_shutting_down` (sent from its SIGTERM handler)."""
 
@@ -141,7 +152,7 @@ def _heartbeat(ctx: WorkerContext, device: str, stop: threading.Event) -> None:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "device": device,
-        "models": sorted(ctx.models),
+        "models": routes(ctx.models),  # the dispatcher sends a route only where it is served
         "model_hashes": {name: m.model_hash for name, m in ctx.models.items()},
         "model_families": {name: m.family for name, m in ctx.models.items()},
     }

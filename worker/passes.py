@@ -22,13 +22,19 @@ __all__ = ["render_in_passes", "rows_per_pass", "warm_up"]
 log = logging.getLogger(__name__)
 
 # Peak U-Net activation bytes per row (two samples with guidance) per output pixel, in fp16 with
-# SDPA. The GEGLU feed-forward at the top resolution dominates: 4096 tokens x 10240 x 2 bytes x
-# 2 samples = 170 MB at 512x512, ~650 bytes a pixel; this is that, doubled, plus the skips.
+# SDPA, for a family not in the table below: the first estimate, kept as the cautious default.
 UNET_BYTES_PER_PIXEL_ROW = 1600
-# Per family. SDXL has no attention at its top resolution, and its wider levels sit at a quarter
-# and a sixteenth of the pixels, so per output pixel it needs no more than SD 1.5 by this count;
-# its value is SD 1.5's until bench/gpu.py measures it on a GPU.
-UNET_BYTES_PER_PIXEL_ROW_BY_FAMILY = {"sd1": 1600, "sd2": 1600, "sdxl": 1600}
+# Per family: about twice the peak that bench/activations.py counts (live op outputs during one
+# guided call, bf16 on a CPU, 256-768 px; bench/results/activations-cpu-2026-12-06.json), rounded
+# up; the second half covers what it cannot count (convolution workspace, allocator rounding).
+# The peak is a GEGLU feed-forward (its 2x-wide projection, gelu and product) plus the skips,
+# the same bytes a pixel at every size: SD 1.x and 2.x 520 (at the top level, 320 channels at an
+# eighth of the side), SDXL 315 and its refiner 378 (no attention at the top level: 640 and 768
+# channels at a sixteenth). SD 1.x's 1600 was an estimate with a feed-forward 4x too wide (10240
+# for 2560); its 1100 is below it because two measurements agree: the count, and bench/gpu.py's
+# peak memory on an H200 (bench/results/gpu-h200-2026-11-28.json), which grows by 525 bytes a
+# pixel per row from 4 to 8 to 16 rows at 512x512 (eager; compiled, 385).
+UNET_BYTES_PER_PIXEL_ROW_BY_FAMILY = {"sd1": 1100, "sd2": 1100, "sdxl": 700, "sdxl-refiner": 800}
 # Peak VAE decoder bytes per decoded pixel (one image at a time when sliced): a few full-size
 # 128-channel tensors in fp16, GroupNorm's float32 copies and convolution workspace.
 VAE_BYTES_PER_PIXEL = 6000
@@ -46,6 +52,10 @@ def warm_up(model: LoadedModel, levers: Levers) -> None:
     another, in diffusers 0.42), so a few compiles cover every size; each size still runs once
     so that shape-specialised kernels and cuDNN's timings are ready before the first job.
     """
+    if model.family == "sdxl-refiner":
+        # A refiner only finishes what a base starts: its first refined chunk compiles it.
+        log.info("model %s: an SDXL refiner, not warmed up on its own", model.name)
+        return
     for width, height in levers.compile_sizes:
         params = PassParams(steps=2, width=width, height=height)
         largest = min(levers.warm_up_rows, rows_per_pass(model, params, levers.max_pass_pixels))
@@ -93,11 +103,17 @@ def render_in_passes(
     on_step: Callable[[int, int], None] | None = None,
     *,
     max_pass_pixels: int | None = None,
+    refiner: LoadedModel | None = None,
 ) -> PassResult:
-    """`render_pass`, split into passes that fit in memory; progress counts over all of them."""
+    """`render_pass`, split into passes that fit in memory; progress counts over all of them.
+
+    With a refiner, a pass runs both U-Nets one after the other: it holds what the larger needs.
+    """
     size = rows_per_pass(model, params, max_pass_pixels)
+    if refiner is not None:
+        size = min(size, rows_per_pass(refiner, params, max_pass_pixels))
     if len(rows) <= size:
-        return render_pass(model, rows, params, on_step=on_step)
+        return render_pass(model, rows, params, on_step=on_step, refiner=refiner)
     parts = [rows[i : i + size] for i in range(0, len(rows), size)]
     log.info(
         "%d rows at %dx%d do not fit one pass: %d passes of up to %d",
@@ -112,7 +128,7 @@ def render_in_passes(
         step_cb = None
         if on_step is not None:
             step_cb = _offset_progress(on_step, index, len(parts))
-        result = render_pass(model, part, params, on_step=step_cb)
+        result = render_pass(model, part, params, on_step=step_cb, refiner=refiner)
         joined.images.extend(result.images)
         joined.warnings.extend(result.warnings)  # per row, like the images
         joined.errors.extend(result.errors)

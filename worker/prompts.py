@@ -17,6 +17,8 @@ encoder's projection is the row's pooled embedding (of its first chunk, as A1111
 two tokenizers share CLIP's vocabulary and differ only in their special tokens, so one
 tokenization serves both. An empty negative prompt is zeros, states and pooled alike, where the
 model says `force_zeros_for_empty_prompt` (diffusers' behaviour when given no negative prompt).
+SDXL's refiner has only the second encoder: its states are that encoder's alone, as diffusers'
+`StableDiffusionXLImg2ImgPipeline` encodes them.
 """
 
 from __future__ import annotations
@@ -117,18 +119,38 @@ def _encode_sequences(
     SD 1.x/2.x: CLIP's last hidden state. SDXL: both encoders' penultimate hidden states side by
     side, and the second encoder's projection.
     """
+    encoder = model.text_encoder
     if model.text_encoder_2 is None or model.tokenizer_2 is None:
-        output = model.text_encoder(*_inputs(model, model.tokenizer, model.text_encoder, sequences))
+        assert encoder is not None  # only an SDXL refiner lacks the first encoder
+        output = encoder(*_inputs(model, model.tokenizer, encoder, sequences))
         return output[0].to(dtype=model.dtype), None
-    first = model.text_encoder(
-        *_inputs(model, model.tokenizer, model.text_encoder, sequences), output_hidden_states=True
-    )
+    states = []
+    if encoder is not None:  # not for an SDXL refiner, which reads the second encoder alone
+        first = encoder(
+            *_inputs(model, model.tokenizer, encoder, sequences), output_hidden_states=True
+        )
+        states.append(first.hidden_states[-2])
     second = model.text_encoder_2(
         *_inputs(model, model.tokenizer_2, model.text_encoder_2, sequences),
         output_hidden_states=True,
     )
-    states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-    return states.to(dtype=model.dtype), second.text_embeds.to(dtype=model.dtype)
+    states.append(second.hidden_states[-2])
+    joined = torch.cat(states, dim=-1)
+    pooled = _projected(model.text_encoder_2, second.last_hidden_state, sequences)
+    return joined.to(dtype=model.dtype), pooled.to(dtype=model.dtype)
+
+
+def _projected(
+    encoder: Any, last_hidden_state: torch.Tensor, sequences: list[list[int]]
+) -> torch.Tensor:
+    """The second encoder's pooled embedding (its final state at each end token, projected),
+    one sequence at a time: a batched projection rounds differently from one of a single row, and
+    a row's conditioning must not depend on its batch-mates (nor differ from diffusers', which
+    projects each prompt alone)."""
+    ends = [len(chunk) + 1 for chunk in sequences]  # the start token, the chunk, then the end
+    return torch.cat(
+        [encoder.text_projection(last_hidden_state[i : i + 1, end]) for i, end in enumerate(ends)]
+    )
 
 
 def _inputs(

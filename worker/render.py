@@ -87,8 +87,10 @@ def render_rows(
     monitor: ChunkMonitor,
     state: WorkerState,
     settings: Settings,
+    refiner: LoadedModel | None = None,
 ) -> list[Rendered | NotRendered]:
-    """Render `items`, narrowing failures down as the module says; one result per item."""
+    """Render `items`, narrowing failures down as the module says; one result per item (with
+    `refiner`, an SDXL refiner finishes each image: worker/sampler.py)."""
     results: list[Rendered | NotRendered] = []
     todo: deque[list[RowJob]] = deque([list(items)])
     while todo:
@@ -97,7 +99,9 @@ def render_rows(
             reason = "the worker shut down before rendering it"
             results += [NotRendered(i.job, "hand_back", reason, FailureReason.OTHER) for i in group]
             continue
-        attempt = _try_pass(model, params, group, monitor=monitor, state=state, settings=settings)
+        attempt = _try_pass(
+            model, params, group, monitor=monitor, state=state, settings=settings, refiner=refiner
+        )
         if not isinstance(attempt, _PassFailed):
             results += attempt
             continue
@@ -130,6 +134,7 @@ def _try_pass(
     monitor: ChunkMonitor,
     state: WorkerState,
     settings: Settings,
+    refiner: LoadedModel | None,
 ) -> list[Rendered | NotRendered] | _PassFailed:
     """One try at rendering `group` together: its rows' results, or why the pass failed."""
     ids = [item.job.job_id for item in group]
@@ -142,6 +147,7 @@ def _try_pass(
             params,
             on_step=_step_checks(monitor, state, settings, [row.prompt for row in rows]),
             max_pass_pixels=settings.max_pass_pixels,
+            refiner=refiner,
         )
     except RenderCancelled:
         return [NotRendered(i.job, "cancelled", CANCELLED, FailureReason.CANCELLED) for i in group]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shared.errors import InvalidJob, SdfarmError
-from shared.jobs import JobSpec
+from shared.jobs import DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE, JobSpec
 from shared.storage import Storage
 from worker.claim import Claimed
 from worker.init_images import load_init_image, read_init_image_bytes
@@ -45,6 +45,7 @@ def pass_params(spec: JobSpec) -> PassParams:
         height=spec.height,
         scheduler=spec.scheduler,
         strength=spec.denoising_strength if spec.init_image is not None else None,
+        refiner_switch_at=spec.switch_at if spec.refiner is not None else None,
     )
 
 
@@ -69,7 +70,15 @@ def row_for(spec: JobSpec, storage: Storage | None = None) -> Row:
         long_prompt=spec.long_prompt,
         original_size=_original_size(spec),
         crop_top_left=(spec.crop_top, spec.crop_left),
+        aesthetic_score=_or(spec.aesthetic_score, DEFAULT_AESTHETIC_SCORE),
+        negative_aesthetic_score=_or(
+            spec.negative_aesthetic_score, DEFAULT_NEGATIVE_AESTHETIC_SCORE
+        ),
     )
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 def _original_size(spec: JobSpec) -> tuple[int, int] | None:

@@ -14,8 +14,12 @@ in every batch.
     2. set the scheduler's timesteps (the tail of them for img2img)
     3. prepare latents: each row's noise from its own seed, or its init image noised to the
        starting timestep
-    4. denoise: U-Net on [uncond, cond], classifier-free guidance, scheduler step
-    5. decode latents with the VAE into 8-bit RGB pixels, with the precision guard (worker/vae.py)
+    4. denoise: U-Net on [uncond, cond], classifier-free guidance, scheduler step; with an SDXL
+       refiner, the base stops at the switch point and the refiner denoises the rest of the
+       schedule from the base's latents, as diffusers' two-pipeline ensemble does
+       (`denoising_end` / `denoising_start`), with its own text states and aesthetic scores
+    5. decode latents with the VAE (the refiner's, when there is one) into 8-bit RGB pixels, with
+       the precision guard (worker/vae.py)
 """
 
 from __future__ import annotations
@@ -24,86 +28,28 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
 
-from shared.errors import InvalidJob
+from worker.conditioning import added_conditioning
 from worker.models import LoadedModel
+from worker.pass_checks import NATIVE_PIXELS_RANGE, check_pass, pass_warnings
+from worker.pass_spec import PassParams, PassResult, Row
 from worker.prompts import EncodedRow, encode_rows
-from worker.schedulers import img2img_timesteps, make_scheduler, step_kwargs
+from worker.schedulers import (
+    base_timesteps,
+    img2img_timesteps,
+    make_scheduler,
+    refiner_timesteps,
+    step_kwargs,
+)
 from worker.vae import decode_latents, encode_images
 
 __all__ = ["NATIVE_PIXELS_RANGE", "PassParams", "PassResult", "Row", "render_pass"]
 
-# A size whose pixel count is within this many times the model's native square gets no warning:
-# SD 1.5 at 512x768 or 768x768, SDXL at 832x1216 are common; SDXL at 512x512 is not.
-NATIVE_PIXELS_RANGE = (0.5, 4.0)
-
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Row:
-    """One job in a batched pass."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int
-    guidance: float  # classifier-free guidance scale (A1111's "CFG scale")
-    init_image: np.ndarray | None = None  # img2img: H x W x 3 uint8 at the pass's size
-    long_prompt: str = "truncate"  # or "chunk": see worker/prompts.py
-    # SDXL's size conditioning, (height, width) and (top, left) as diffusers orders them; the
-    # original size is the pass's size when None.
-    original_size: tuple[int, int] | None = None
-    crop_top_left: tuple[int, int] = (0, 0)
-
-
-@dataclass(frozen=True)
-class PassParams:
-    """What all rows of a pass share."""
-
-    steps: int
-    width: int
-    height: int
-    scheduler: str = "lms"
-    strength: float | None = None  # img2img when set: every row then has an init image
-
-
-@dataclass
-class PassResult:
-    """The images of a pass, in row order, what each row should know, and where time went."""
-
-    images: list[np.ndarray | None]  # H x W x 3 uint8, None where the row failed
-    timings: dict[str, float]  # seconds: "text_encoder", "unet" (the whole loop), "vae"
-    warnings: list[list[str]] = field(default_factory=list)  # per row, for the job record
-    errors: list[str | None] = field(default_factory=list)  # per row: why it has no image
-
-
-def _check(model: LoadedModel, rows: Sequence[Row], params: PassParams) -> None:
-    if not rows:
-        raise ValueError("render_pass needs at least one row, got none")
-    if params.steps < 1:
-        raise InvalidJob(f"`steps` has to be at least 1 but is {params.steps}")
-    factor = model.vae_scale_factor
-    for name, value in (("width", params.width), ("height", params.height)):
-        if value <= 0:
-            raise InvalidJob(f"`{name}` has to be positive but is {value}")
-        if value % factor:
-            raise InvalidJob(f"`{name}` has to be divisible by {factor} but is {value}")
-    if params.strength is None:
-        return
-    if not 0 < params.strength <= 1 or int(params.steps * params.strength) < 1:
-        raise InvalidJob(
-            f"`strength` has to be in (0, 1] with strength x steps >= 1 but is "
-            f"{params.strength} with {params.steps} steps"
-        )
-    wanted = (params.height, params.width, 3)
-    for i, row in enumerate(rows):
-        if row.init_image is None or row.init_image.shape != wanted:
-            shape = None if row.init_image is None else row.init_image.shape
-            raise InvalidJob(f"row {i}: `init_image` has to be {wanted} uint8 but is {shape}")
 
 
 @contextmanager
@@ -131,19 +77,22 @@ def _denoise(
     encoded: Sequence[EncodedRow],
     params: PassParams,
     on_step: Callable[[], None],
+    *,
+    refiner: tuple[LoadedModel, Sequence[EncodedRow]] | None = None,
 ) -> torch.Tensor:
-    """Steps 2-4 for rows whose CLIP states have the same length; returns float32 latents."""
+    """Steps 2-4 for rows whose CLIP states have the same length; returns float32 latents.
+
+    `refiner`: the refiner and the rows' states from its encoder; it finishes from the switch.
+    """
     device = model.device
     generators = [torch.Generator().manual_seed(row.seed) for row in rows]
+    seeds = [row.seed for row in rows]
     shape = (
         len(rows),
         model.unet.config.in_channels,
         params.height // model.vae_scale_factor,
         params.width // model.vae_scale_factor,
     )
-    # Unconditional (negative) rows first, as the U-Net batch is laid out.
-    prompt_embeds = torch.cat([e.uncond for e in encoded] + [e.cond for e in encoded])
-    added_cond = _added_conditioning(model, rows, encoded, params)
 
     # 2. Set timesteps. LMS's init_noise_sigma depends on them, so this comes before the noise.
     scheduler = make_scheduler(params.scheduler, model.scheduler_config)
@@ -160,12 +109,56 @@ def _denoise(
         init_latents = encode_images(model, images, generators)
         noise = _noise(generators, shape).to(device)
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(len(rows)))
-    extra = step_kwargs(scheduler, generators, [row.seed for row in rows], shape, device)
+    if params.refiner_switch_at is not None:
+        timesteps = base_timesteps(scheduler, timesteps, params.refiner_switch_at)
+    extra = step_kwargs(scheduler, generators, seeds, shape, device)
 
-    # 4. Denoise. The scheduler turns the U-Net's output into the next latents whatever the
-    # model predicts (epsilon or v), so nothing here assumes a prediction type.
+    # 4. Denoise, then let the refiner finish: the same rows, generators and latents, the
+    # refiner's own scheduler (its timesteps from the switch point on) and conditioning.
+    base = _Stage(model, scheduler, timesteps, encoded, extra)
+    latents = _steps(base, latents, rows, params, on_step)
+    if refiner is None or params.refiner_switch_at is None:
+        return latents
+    finisher, finisher_encoded = refiner
+    scheduler = make_scheduler(params.scheduler, finisher.scheduler_config)
+    scheduler.set_timesteps(params.steps, device=device)
+    timesteps = refiner_timesteps(scheduler, params.refiner_switch_at)
+    extra = step_kwargs(scheduler, generators, seeds, shape, device)
+    finish = _Stage(finisher, scheduler, timesteps, finisher_encoded, extra)
+    return _steps(finish, latents, rows, params, on_step)
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One model's share of step 4: its scheduler and timesteps, the rows' states from its
+    encoder(s), and what its scheduler's step needs besides tensors."""
+
+    model: LoadedModel
+    scheduler: Any  # a diffusers scheduler, set to its timesteps
+    timesteps: torch.Tensor
+    encoded: Sequence[EncodedRow]
+    extra: dict[str, Any]
+
+
+def _steps(
+    stage: _Stage,
+    latents: torch.Tensor,
+    rows: Sequence[Row],
+    params: PassParams,
+    on_step: Callable[[], None],
+) -> torch.Tensor:
+    """Step 4 on one model: U-Net on [uncond, cond], guidance, scheduler step, per timestep.
+
+    The scheduler turns the U-Net's output into the next latents whatever the model predicts
+    (epsilon or v), so nothing here assumes a prediction type.
+    """
+    model, scheduler, encoded, extra = stage.model, stage.scheduler, stage.encoded, stage.extra
+    device = model.device
+    # Unconditional (negative) rows first, as the U-Net batch is laid out.
+    prompt_embeds = torch.cat([e.uncond for e in encoded] + [e.cond for e in encoded])
+    added_cond = added_conditioning(model, rows, encoded, params)
     guidance = torch.tensor([row.guidance for row in rows], device=device).view(-1, 1, 1, 1)
-    for t in timesteps:
+    for t in stage.timesteps:
         latent_model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
         noise_pred = model.unet(
             latent_model_input.to(model.dtype),
@@ -182,41 +175,29 @@ def _denoise(
     return result
 
 
-def _added_conditioning(
-    model: LoadedModel, rows: Sequence[Row], encoded: Sequence[EncodedRow], params: PassParams
-) -> dict[str, torch.Tensor] | None:
-    """SDXL's `text_time` conditioning, laid out as the U-Net batch ([uncond rows, cond rows]):
-    each row's pooled embedding, and its six size numbers (original size, crop top-left, target
-    size), the negative half with the same numbers as its row, as diffusers does by default."""
-    if model.family != "sdxl":
-        return None
-    pooled = [e.pooled_uncond for e in encoded] + [e.pooled_cond for e in encoded]
-    text_embeds = torch.cat([p for p in pooled if p is not None])
-    target = (params.height, params.width)
-    numbers = [[*(row.original_size or target), *row.crop_top_left, *target] for row in rows]
-    time_ids = torch.tensor(numbers * 2, dtype=text_embeds.dtype)
-    return {"text_embeds": text_embeds, "time_ids": time_ids.to(model.device)}
-
-
 def render_pass(
     model: LoadedModel,
     rows: Sequence[Row],
     params: PassParams,
     on_step: Callable[[int, int], None] | None = None,
+    *,
+    refiner: LoadedModel | None = None,
 ) -> PassResult:
     """Render one image per row in a single batched pass; `on_step(done, total)` after each step.
 
-    An exception raised by `on_step` (RenderCancelled, say) stops the pass and propagates. A row
-    whose image cannot be decoded has None for an image and the reason in `errors`.
+    With `refiner` (an SDXL refiner; `params.refiner_switch_at` set), `model` denoises up to the
+    switch point and the refiner finishes. An exception raised by `on_step` (RenderCancelled,
+    say) stops the pass and propagates. A row whose image cannot be decoded has None for an
+    image and the reason in `errors`.
     """
-    _check(model, rows, params)
+    check_pass(model, rows, params, refiner)
     timings: dict[str, float] = {}
+    texts = [(r.prompt, r.negative_prompt, r.long_prompt) for r in rows]
     with torch.inference_mode():
-        # 1. Encode prompts.
+        # 1. Encode prompts (and again with the refiner's encoder, when there is one).
         with _timed(timings, "text_encoder", model.device):
-            encoded = encode_rows(
-                model, [(r.prompt, r.negative_prompt, r.long_prompt) for r in rows]
-            )
+            encoded = encode_rows(model, texts)
+            refined = encode_rows(refiner, texts) if refiner is not None else None
 
         # Rows whose prompts were encoded in more chunks have longer CLIP states and cannot share
         # a U-Net batch with the others: each length gets its own loop.
@@ -225,7 +206,7 @@ def render_pass(
             groups.setdefault(e.cond.shape[1], []).append(i)
         latents: list[torch.Tensor | None] = [None] * len(rows)
         done = 0
-        total = _evaluations(model, params) * len(groups)
+        total = _evaluations(model, params, refiner) * len(groups)
 
         def step() -> None:
             nonlocal done
@@ -235,19 +216,27 @@ def render_pass(
 
         with _timed(timings, "unet", model.device):
             for members in groups.values():
+                finish = None
+                if refiner is not None and refined is not None:
+                    finish = (refiner, [refined[i] for i in members])
                 out = _denoise(
-                    model, [rows[i] for i in members], [encoded[i] for i in members], params, step
+                    model,
+                    [rows[i] for i in members],
+                    [encoded[i] for i in members],
+                    params,
+                    step,
+                    refiner=finish,
                 )
                 for i, row_latents in zip(members, out, strict=True):
                     latents[i] = row_latents
 
         # 5. Decode, then map [-1, 1] to 8-bit as diffusers' postprocess and numpy_to_pil do.
         with _timed(timings, "vae", model.device):
-            decoded = decode_latents(model, torch.stack([x for x in latents if x is not None]))
-    size_note = _far_from_native(model, params)
+            decoder = refiner or model  # diffusers' refiner pipeline decodes with its own VAE
+            decoded = decode_latents(decoder, torch.stack([x for x in latents if x is not None]))
+    notes = pass_warnings(model, rows, params)
     warnings = [
-        e.warnings + _ignored_conditioning(model, row) + size_note + w
-        for row, e, w in zip(rows, encoded, decoded.warnings, strict=True)
+        e.warnings + note + w for e, note, w in zip(encoded, notes, decoded.warnings, strict=True)
     ]
     log.debug(
         "pass of %d rows at %dx%d, %d steps of %s: %s",
@@ -263,27 +252,17 @@ def render_pass(
     )
 
 
-def _far_from_native(model: LoadedModel, params: PassParams) -> list[str]:
-    """A warning when the size is far from the model's own (rendered as asked, never changed)."""
-    ratio = params.width * params.height / model.native_px**2
-    if NATIVE_PIXELS_RANGE[0] <= ratio <= NATIVE_PIXELS_RANGE[1]:
-        return []
-    return [
-        f"{params.width}x{params.height} is far from the {model.native_px}x{model.native_px} "
-        f"this {model.family} model was trained at; expect broken or repeated composition"
-    ]
-
-
-def _ignored_conditioning(model: LoadedModel, row: Row) -> list[str]:
-    if model.family == "sdxl" or (row.original_size is None and row.crop_top_left == (0, 0)):
-        return []
-    return [f"original size and crop are SDXL conditioning; this {model.family} model ignores them"]
-
-
-def _evaluations(model: LoadedModel, params: PassParams) -> int:
-    """How many U-Net steps one loop takes (2 * steps - 1 for Heun, steps + 1 for PLMS, ...)."""
+def _evaluations(model: LoadedModel, params: PassParams, refiner: LoadedModel | None) -> int:
+    """How many U-Net steps one loop takes (2 * steps - 1 for Heun, steps + 1 for PLMS, ...),
+    the base's and the refiner's together."""
     scheduler = make_scheduler(params.scheduler, model.scheduler_config)
     scheduler.set_timesteps(params.steps)
-    if params.strength is None:
-        return len(scheduler.timesteps)
-    return len(img2img_timesteps(scheduler, params.steps, params.strength))
+    timesteps = scheduler.timesteps
+    if params.strength is not None:
+        timesteps = img2img_timesteps(scheduler, params.steps, params.strength)
+    if params.refiner_switch_at is None or refiner is None:
+        return len(timesteps)
+    count = len(base_timesteps(scheduler, timesteps, params.refiner_switch_at))
+    scheduler = make_scheduler(params.scheduler, refiner.scheduler_config)
+    scheduler.set_timesteps(params.steps)
+    return count + len(refiner_timesteps(scheduler, params.refiner_switch_at))

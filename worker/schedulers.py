@@ -25,7 +25,14 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from shared.samplers import SAMPLERS
 
-__all__ = ["SCHEDULERS", "img2img_timesteps", "make_scheduler", "step_kwargs"]
+__all__ = [
+    "SCHEDULERS",
+    "base_timesteps",
+    "img2img_timesteps",
+    "make_scheduler",
+    "refiner_timesteps",
+    "step_kwargs",
+]
 
 SchedulerFactory = Callable[[Mapping[str, Any]], SchedulerMixin]
 
@@ -137,6 +144,38 @@ def img2img_timesteps(scheduler: SchedulerMixin, steps: int, strength: float) ->
     """
     init_steps = min(int(steps * strength), steps)
     start = max(steps - init_steps, 0) * scheduler.order
+    timesteps: torch.Tensor = scheduler.timesteps[start:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return timesteps
+
+
+def _cutoff(scheduler: SchedulerMixin, switch_at: float) -> int:
+    """The training timestep at which a base hands over to its refiner (`switch_at` of the way
+    through the noise schedule), as diffusers' SDXL pipelines round it."""
+    train = int(scheduler.config.num_train_timesteps)
+    return round(train - switch_at * train)
+
+
+def base_timesteps(
+    scheduler: SchedulerMixin, timesteps: torch.Tensor, switch_at: float
+) -> torch.Tensor:
+    """The base's share of `timesteps` before a refiner takes over: those at or above the
+    cutoff (diffusers' `denoising_end`)."""
+    cutoff = _cutoff(scheduler, switch_at)
+    count = int((timesteps >= cutoff).sum().item())
+    return timesteps[:count]
+
+
+def refiner_timesteps(scheduler: SchedulerMixin, switch_at: float) -> torch.Tensor:
+    """The refiner's share of the full schedule (after `set_timesteps`): those below the cutoff
+    (diffusers' `denoising_start`); a second-order scheduler never starts between its two
+    evaluations of a step. Multistep schedulers are told where they begin."""
+    cutoff = _cutoff(scheduler, switch_at)
+    count = int((scheduler.timesteps < cutoff).sum().item())
+    if scheduler.order == 2 and count % 2 == 0:
+        count += 1
+    start = len(scheduler.timesteps) - count
     timesteps: torch.Tensor = scheduler.timesteps[start:]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)

@@ -22,6 +22,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from worker.models import quiet_hf_progress_bars
 from worker.tiny_sdxl import (
     SDXL_SCALING_FACTOR,
+    refiner_components,
+    refiner_model_index,
     sdxl_components,
     sdxl_model_index,
     write_model_index,
@@ -34,7 +36,8 @@ log = logging.getLogger(__name__)
 
 # "v_prediction" gives an SD 2.x-style model; LMS supports no other kind.
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-ARCHES = ("sd1", "sdxl")  # SD 1.x (and 2.x with v_prediction); SDXL base (worker/tiny_sdxl.py)
+# SD 1.x (and 2.x with v_prediction); SDXL base and refiner (worker/tiny_sdxl.py)
+ARCHES = ("sd1", "sdxl", "sdxl-refiner")
 
 TEXT_HIDDEN = 32  # also the U-Net's cross_attention_dim, as 768 is for both in SD 1.x
 SAMPLE_SIZE_PX = 64  # the pipeline's default height and width for this model
@@ -141,21 +144,23 @@ def make_tiny(
         )
     if arch not in ARCHES:
         raise ValueError(f"arch must be one of {', '.join(ARCHES)}, got {arch!r}")
-    if arch == "sdxl" and prediction_type != "epsilon":
-        raise ValueError("the tiny SDXL is an epsilon-prediction model, as SDXL 1.0 base is")
+    if arch != "sd1" and prediction_type != "epsilon":
+        raise ValueError("the tiny SDXL is an epsilon-prediction model, as SDXL 1.0 is")
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
 
-    write_tokenizer(dir / "tokenizer")
-    if arch == "sdxl":
-        write_tokenizer(dir / "tokenizer_2")
-    vocab = json.loads((dir / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
+    tokenizers = {"sd1": ["tokenizer"], "sdxl": ["tokenizer", "tokenizer_2"]}
+    for name in tokenizers.get(arch, ["tokenizer_2"]):
+        write_tokenizer(dir / name)
+    vocab_file = dir / ("tokenizer_2" if arch == "sdxl-refiner" else "tokenizer") / "vocab.json"
+    vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
 
     # fork_rng: seeding must not change the random state of whoever called us.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if arch == "sdxl":
-            parts = sdxl_components(len(vocab), vocab[BOS_TOKEN], vocab[EOS_TOKEN])
+        if arch != "sd1":
+            build = sdxl_components if arch == "sdxl" else refiner_components
+            parts = build(len(vocab), vocab[BOS_TOKEN], vocab[EOS_TOKEN])
             parts["vae"] = _vae(SDXL_SCALING_FACTOR, force_upcast=True)
         else:
             parts = {
@@ -173,6 +178,7 @@ def make_tiny(
             part.save_pretrained(dir / name)  # type: ignore[attr-defined]
         else:
             part.save_pretrained(dir / name, safe_serialization=True)  # type: ignore[attr-defined]
-    write_model_index(dir, sdxl_model_index() if arch == "sdxl" else _model_index())
+    index = {"sd1": _model_index, "sdxl": sdxl_model_index, "sdxl-refiner": refiner_model_index}
+    write_model_index(dir, index[arch]())
     log.info("wrote a tiny %s %s model (seed %d) to %s", arch, prediction_type, seed, dir)
     return dir

@@ -1,4 +1,5 @@
-"""A tiny, randomly initialised model of the real SDXL base architecture (`make-tiny --arch sdxl`).
+"""Tiny, randomly initialised models of the real SDXL architectures (`make-tiny --arch sdxl`, and
+`--arch sdxl-refiner`).
 
 The same component classes and block types as SDXL 1.0 base: two CLIP text encoders (a ViT-L-like
 `CLIPTextModel` and an OpenCLIP-bigG-like `CLIPTextModelWithProjection`, whose penultimate hidden
@@ -6,7 +7,9 @@ states are concatenated and whose projection gives the pooled embedding), a U-Ne
 block layout, linear projections and `text_time` additional conditioning (pooled embedding plus
 six size and crop numbers), an AutoencoderKL with SDXL's scaling factor and `force_upcast`, and
 SDXL's Euler scheduler config. Only narrow and shallow: a few MB on disk. The folder loads with
-diffusers' `StableDiffusionXLPipeline.from_pretrained` as it is.
+diffusers' `StableDiffusionXLPipeline.from_pretrained` as it is. The refiner, as SDXL 1.0's, has
+only the second encoder, a four-level U-Net that reads five conditioning numbers (original size,
+crop top-left, aesthetic score), and loads with `StableDiffusionXLImg2ImgPipeline`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from worker.tokenizer import MODEL_MAX_LENGTH
 
-__all__ = ["SDXL_SCALING_FACTOR", "sdxl_components", "sdxl_model_index", "write_model_index"]
+__all__ = [
+    "SDXL_SCALING_FACTOR",
+    "refiner_components",
+    "refiner_model_index",
+    "sdxl_components",
+    "sdxl_model_index",
+    "write_model_index",
+]
 
 TEXT_HIDDEN = (32, 32)  # the two encoders' widths (768 and 1280 in SDXL)
 PROJECTION_DIM = 32  # text_encoder_2's projection: the pooled embedding (1280 in SDXL)
@@ -67,6 +77,33 @@ def _unet() -> UNet2DConditionModel:
     )
 
 
+def _refiner_unet() -> UNet2DConditionModel:
+    """SDXL refiner's layout: four levels with attention in the middle two, cross-attention on
+    the bigG encoder alone, and five `text_time` numbers (sizes, crop, aesthetic score)."""
+    return UNet2DConditionModel(
+        sample_size=SDXL_SAMPLE_SIZE_PX // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=(
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=1,
+        transformer_layers_per_block=1,
+        attention_head_dim=(2, 4, 4, 4),
+        cross_attention_dim=TEXT_HIDDEN[1],
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=5 * TIME_EMBED_DIM + PROJECTION_DIM,
+        norm_num_groups=32,
+    )
+
+
 def _scheduler() -> EulerDiscreteScheduler:
     # SDXL 1.0 base's scheduler_config.json values.
     return EulerDiscreteScheduler(
@@ -93,6 +130,30 @@ def sdxl_components(vocab_size: int, bos_id: int, eos_id: int) -> dict[str, obje
         "unet": _unet(),
         "scheduler": _scheduler(),
     }
+
+
+def refiner_components(vocab_size: int, bos_id: int, eos_id: int) -> dict[str, object]:
+    """The modules of a tiny SDXL refiner but its VAE: only the second (bigG-like) encoder."""
+    second = _text_config(vocab_size, bos_id, eos_id, TEXT_HIDDEN[1], "gelu")
+    return {
+        "text_encoder_2": CLIPTextModelWithProjection(second),
+        "unet": _refiner_unet(),
+        "scheduler": _scheduler(),
+    }
+
+
+def refiner_model_index() -> dict[str, object]:
+    """As SDXL 1.0 refiner's: an img2img pipeline without the first encoder, conditioned on an
+    aesthetic score, and an empty negative prompt encoded (no zeros)."""
+    index = sdxl_model_index()
+    index |= {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline",
+        "force_zeros_for_empty_prompt": False,
+        "requires_aesthetics_score": True,
+        "text_encoder": [None, None],
+        "tokenizer": [None, None],
+    }
+    return index
 
 
 def sdxl_model_index() -> dict[str, object]:

@@ -43,8 +43,10 @@ def store_rendered(
     rendered: Sequence[Rendered],
     *,
     state: WorkerState,
+    refiner: LoadedModel | None = None,
 ) -> list[tuple[str, str]]:
     """Store and report every rendered image; returns (job id, state afterwards) pairs."""
+    refiner_hash = refiner.model_hash if refiner is not None else None
     ledger, settings, worker_id = reporter.ledger, reporter.settings, reporter.worker_id
     keep_alive = [item.job.job_id for item in rendered]
     out = []
@@ -58,6 +60,7 @@ def store_rendered(
             model_name=model.name,
             model_hash=model.model_hash,
             extra={"job_id": job_id, "warnings": item.warnings},
+            refiner_hash=refiner_hash,
         )
         # 2. Upload.
         try:
@@ -73,6 +76,7 @@ def store_rendered(
             "timings": {**item.timings, "batch_rows": item.pass_rows},
             "model_hash": model.model_hash or "",
             "model_family": model.family,
+            **({"refiner_hash": refiner_hash} if refiner_hash else {}),
             "finished_at": time.time(),
             "warnings": item.warnings,  # dropped prompt words, an fp32 VAE retry: shown by API, CLI
         }

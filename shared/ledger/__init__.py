@@ -18,9 +18,10 @@ from __future__ import annotations
 from shared.ledger.core import Ledger, Transition
 from shared.ledger.outcomes import RENDER_BUCKETS_S, THROUGHPUT_BUCKET_S, THROUGHPUT_KEEP_S
 from shared.ledger.pending import Chunk
-from shared.ledger.records import STATES, BatchRecord, JobRecord
+from shared.ledger.records import DEFAULT_TENANT, STATES, BatchRecord, JobRecord
 
 __all__ = [
+    "DEFAULT_TENANT",
     "RENDER_BUCKETS_S",
     "STATES",
     "THROUGHPUT_BUCKET_S",

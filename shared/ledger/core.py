@@ -27,7 +27,15 @@ from shared.ledger.idempotency import IdempotencyKeys
 from shared.ledger.leases import Leases
 from shared.ledger.loops import Loops
 from shared.ledger.outcomes import Outcomes
-from shared.ledger.records import BatchRecord, JobRecord, decode_batch, decode_job
+from shared.ledger.records import (
+    DEFAULT_TENANT,
+    BatchRecord,
+    JobRecord,
+    decode_batch,
+    decode_job,
+    unknown_batch,
+    unknown_job,
+)
 from shared.ledger.scripts import RENEW_LEASES, RETRY_JOBS, TAKE_CHUNK, TRANSITION
 from shared.ledger.stats import Stats
 from shared.ledger.submit import write_batch
@@ -79,12 +87,18 @@ class Ledger(Transitions, Leases):
     # -- submit ---------------------------------------------------------------------------------
 
     def create_batch(
-        self, batch_id: str, specs: Sequence[JobSpec], *, meta: dict[str, str] | None = None
+        self,
+        batch_id: str,
+        specs: Sequence[JobSpec],
+        *,
+        meta: dict[str, str] | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> list[str]:
         """Write a batch's jobs as `queued`, then make the batch visible and pending in one step.
 
-        Jobs are written first in slices; the batch record and the pending lists follow in one
-        transaction, so a crash half way leaves only invisible job records that expire.
+        Jobs are written first in slices; the batch record (which records `tenant`), the batch
+        lists and the pending lists follow in one transaction, so a crash half way leaves only
+        invisible job records that expire.
         """
         now = repr(self.server_time())  # arrival times feed the batching wait: Redis's clock
         return write_batch(
@@ -96,6 +110,7 @@ class Ledger(Transitions, Leases):
             now=now,
             ttl_s=self.status_ttl_s,
             wake=self.wake,
+            tenant=tenant,
         )
 
     # -- reads ----------------------------------------------------------------------------------
@@ -103,7 +118,7 @@ class Ledger(Transitions, Leases):
         """The job's record, decoded; raises UnknownId when it does not exist."""
         raw = self.redis.hgetall(self.keys.job(job_id))
         if not raw:
-            raise UnknownId(f"no job {job_id!r}")
+            raise unknown_job(job_id)
         return decode_job(job_id, raw)
 
     def jobs(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
@@ -120,8 +135,22 @@ class Ledger(Transitions, Leases):
         """The batch's counters (O(1) whatever its size); raises UnknownId when unknown."""
         raw = self.redis.hgetall(self.keys.batch(batch_id))
         if not raw:
-            raise UnknownId(f"no batch {batch_id!r}")
+            raise unknown_batch(batch_id)
         return decode_batch(batch_id, raw)
+
+    def batch_owners(self, batch_ids: Sequence[str]) -> list[str | None]:
+        """The tenant of each batch, in one round trip; None where the batch does not exist.
+
+        One read whether the batch is the caller's, another tenant's or missing, so the API's
+        answer takes as long either way.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            pipe.hmget(self.keys.batch(batch_id), ["total", "tenant"])
+        return [
+            None if total is None else _s(tenant) if tenant else DEFAULT_TENANT
+            for total, tenant in pipe.execute()
+        ]
 
     def batch_job_ids(self, batch_id: str, start: int = 0, stop: int = -1) -> list[str]:
         return [_s(v) for v in self.redis.lrange(self.keys.batch_jobs(batch_id), start, stop)]
@@ -186,15 +215,19 @@ class Ledger(Transitions, Leases):
             pipe.hget(self.keys.job(job_id), "state")
         return [None if v is None else _s(v) for v in pipe.execute()]
 
-    def batches_page(self, offset: int, limit: int) -> list[BatchRecord]:
-        """Batches newest first; forgets ids whose record expired."""
-        ids = [_s(v) for v in self.redis.zrevrange(self.keys.batches(), offset, offset + limit - 1)]
+    def batches_page(
+        self, offset: int, limit: int, *, tenant: str | None = None
+    ) -> list[BatchRecord]:
+        """Batches newest first, of every tenant or of `tenant` alone (its own index, not a
+        filtered page); forgets ids whose record expired."""
+        index = self.keys.batches() if tenant is None else self.keys.tenant_batches(tenant)
+        ids = [_s(v) for v in self.redis.zrevrange(index, offset, offset + limit - 1)]
         pipe = self.redis.pipeline(transaction=False)
         for batch_id in ids:
             pipe.exists(self.keys.batch(batch_id))
         alive = [batch_id for batch_id, ok in zip(ids, pipe.execute(), strict=True) if ok]
         if len(alive) < len(ids):
-            self.redis.zrem(self.keys.batches(), *(set(ids) - set(alive)))
+            self.redis.zrem(index, *(set(ids) - set(alive)))
         out = []
         for batch_id in alive:
             with contextlib.suppress(UnknownId):  # expired between the two reads

@@ -11,12 +11,24 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from shared.errors import UnknownId
 from shared.jobs import DEFAULT_PRIORITY, JobSpec, JobState
 from shared.keys import text as _s
 
-__all__ = ["STATES", "BatchRecord", "JobRecord", "decode_batch", "decode_job"]
+__all__ = [
+    "DEFAULT_TENANT",
+    "STATES",
+    "BatchRecord",
+    "JobRecord",
+    "decode_batch",
+    "decode_job",
+    "unknown_batch",
+    "unknown_job",
+]
 
 STATES = [state.value for state in JobState]
+# The tenant of a batch written before batches recorded one, and of a bare `KEY`.
+DEFAULT_TENANT = "default"
 _JSON_FIELDS = ("spec", "result", "timings", "warnings")
 _INT_FIELDS = ("attempts", "seed", "step", "steps", "dispatches")
 
@@ -137,6 +149,11 @@ class BatchRecord(dict[str, Any]):
         return frozenset(m for m in str(self.get("models", "")).split(",") if m)
 
     @property
+    def tenant(self) -> str:
+        """The tenant that submitted it (DEFAULT_TENANT for a batch from before tenants)."""
+        return str(self.get("tenant") or DEFAULT_TENANT)
+
+    @property
     def callback_url(self) -> str | None:
         return self.get("callback_url") or None
 
@@ -163,6 +180,17 @@ class BatchRecord(dict[str, Any]):
     def remaining(self) -> int:
         """Jobs not yet in a final state."""
         return self.counts["queued"] + self.counts["running"]
+
+
+def unknown_job(job_id: str) -> UnknownId:
+    """The one refusal for a job id the caller cannot have: missing, expired or another
+    tenant's all read the same (the API's 404 body is this message)."""
+    return UnknownId(f"no job {job_id!r}")
+
+
+def unknown_batch(batch_id: str) -> UnknownId:
+    """The one refusal for a batch id the caller cannot have (see `unknown_job`)."""
+    return UnknownId(f"no batch {batch_id!r}")
 
 
 def decode_job(job_id: str, raw: Mapping[Any, Any]) -> JobRecord:

@@ -21,6 +21,7 @@ from string import Template
 from shared.jobs import DEFAULT_PRIORITY, MAX_PRIORITY
 from shared.keys import Keys
 from shared.ledger.pending import PRIORITY_CLASS
+from shared.ledger.records import DEFAULT_TENANT
 
 __all__ = [
     "RECORD_OUTCOME",
@@ -96,6 +97,7 @@ def _script(body: str) -> str:
         PRIORITY_CLASS=PRIORITY_CLASS,
         MAX_PRIORITY=MAX_PRIORITY,
         DEFAULT_PRIORITY=DEFAULT_PRIORITY,
+        DEFAULT_TENANT=DEFAULT_TENANT,
     )
 
 

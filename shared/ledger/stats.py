@@ -18,10 +18,13 @@ from shared.jobs import DEFAULT_PRIORITY, JobState
 from shared.keys import Keys
 from shared.keys import text as _s
 from shared.ledger.pending import pending_count
+from shared.ledger.records import DEFAULT_TENANT
 
-__all__ = ["ActiveBatch", "RenderHistogram", "Stats"]
+__all__ = ["TENANT_OUTCOMES", "ActiveBatch", "RenderHistogram", "Stats"]
 
 _STATES = [state.value for state in JobState]
+# The ends RECORD_OUTCOME counts per tenant (`stats:tenant-{state}` hashes, tenant -> jobs).
+TENANT_OUTCOMES = (JobState.SUCCEEDED.value, JobState.FAILED.value)
 
 
 @dataclass(frozen=True)
@@ -57,21 +60,36 @@ class Stats:
 
     # -- batches --------------------------------------------------------------------------------
 
-    def batch_count(self) -> int:
-        """Batches the ledger lists (expired ones are dropped as pages are read)."""
-        return int(self.client.zcard(self.keys.batches()))
+    def batch_count(self, tenant: str | None = None) -> int:
+        """Batches the ledger lists, of every tenant or of `tenant` (expired ones are dropped
+        as pages are read)."""
+        index = self.keys.batches() if tenant is None else self.keys.tenant_batches(tenant)
+        return int(self.client.zcard(index))
 
     def job_counts(self, since: float) -> dict[str, int]:
         """Jobs by state, summed over the batches created since `since` (epoch seconds)."""
+        totals = dict.fromkeys(_STATES, 0)
+        for counts in self.job_counts_by_tenant(since).values():
+            for state, count in counts.items():
+                totals[state] += count
+        return totals
+
+    def job_counts_by_tenant(self, since: float) -> dict[str, dict[str, int]]:
+        """Jobs by tenant and state, over the batches created since `since` (one scan)."""
         ids = self.client.zrangebyscore(self.keys.batches(), since, "+inf")
         pipe = self.client.pipeline(transaction=False)
         for batch_id in ids:
-            pipe.hmget(self.keys.batch(_s(batch_id)), _STATES)
-        totals = dict.fromkeys(_STATES, 0)
-        for row in pipe.execute():
+            pipe.hmget(self.keys.batch(_s(batch_id)), ["tenant", *_STATES])
+        out: dict[str, dict[str, int]] = {}
+        for tenant, *row in pipe.execute():
+            if row[0] is None:
+                continue  # expired between the two reads
+            totals = out.setdefault(
+                _s(tenant) if tenant else DEFAULT_TENANT, dict.fromkeys(_STATES, 0)
+            )
             for state, value in zip(_STATES, row, strict=True):
                 totals[state] += int(value or 0)
-        return totals
+        return out
 
     def active_batch_count(self) -> int:
         """Batches not yet ended."""
@@ -128,6 +146,22 @@ class Stats:
     def failures(self) -> dict[str, int]:
         """Failed jobs by reason (a short, bounded label such as `worker_lost`)."""
         return {k: int(v) for k, v in self._hash("failures").items()}
+
+    def submitted(self) -> dict[str, int]:
+        """Jobs submitted per tenant since the ledger began."""
+        return {k: int(v) for k, v in self._hash("submitted").items()}
+
+    def tenant_outcomes(self) -> dict[str, dict[str, int]]:
+        """Jobs that ended succeeded / failed per tenant, since the ledger began."""
+        out: dict[str, dict[str, int]] = {}
+        for state in TENANT_OUTCOMES:
+            for tenant, count in self._hash(f"tenant-{state}").items():
+                out.setdefault(tenant, {})[state] = int(count)
+        return out
+
+    def tenant_render_s(self) -> dict[str, float]:
+        """Seconds of batched passes spent on each tenant's succeeded jobs."""
+        return {k: float(v) for k, v in self._hash("tenant-render-s").items()}
 
     def _hash(self, name: str) -> dict[str, str]:
         return {_s(k): _s(v) for k, v in self.client.hgetall(self.keys.stats(name)).items()}

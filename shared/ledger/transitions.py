@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from redis.commands.core import Script
 
-from shared.errors import FailureReason, IllegalTransition, UnknownId
+from shared.errors import FailureReason, IllegalTransition
 from shared.jobs import JobState, batch_of
 from shared.keys import Keys
 from shared.keys import text as _s
 from shared.ledger.outcomes import Outcomes
-from shared.ledger.records import JobRecord
+from shared.ledger.records import JobRecord, unknown_job
 
 __all__ = ["Transition", "Transitions"]
 
@@ -77,7 +77,7 @@ class Transitions:
         )
         code, previous, done, now_in = self._transition(args=args)
         if code == -1:
-            raise UnknownId(f"no job {job_id!r}")
+            raise unknown_job(job_id)
         state = _s(now_in)
         if code == 1 and state in (JobState.SUCCEEDED, JobState.FAILED):
             self._outcomes.record(job_id, JobState(state), fields or {})

@@ -13,7 +13,8 @@ for i = 4, #ARGV do
   local state = redis.call('HGET', jk, 'state')
   if state == 'failed' or state == 'cancelled' then
     redis.call('HDEL', jk, 'error', 'last_error', 'result', 'timings', 'finished_at', 'started_at',
-      'worker', 'step', 'cancel_requested', 'model_hash', 'model_family', 'dispatches', 'reason')
+      'worker', 'step', 'cancel_requested', 'model_hash', 'model_family', 'refiner_hash',
+      'dispatches', 'reason')
     redis.call('HSET', jk, 'state', 'queued', 'attempts', 0, 'updated_at', at, 'retried_at', at)
     redis.call('HINCRBY', jk, 'retries', 1)
     redis.call('HINCRBY', bk, state, -1)

@@ -1,0 +1,147 @@
+"""`sdfarm render`: one image in-process, with the worker's code (rows, levers, sampling loop).
+
+It builds the same job spec, row and pass as the farm does, so its image is the farm's image for
+the same job. Imports no torch at the top: the command pulls it in when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+from pathlib import Path
+from typing import Any
+
+from shared.errors import InvalidJob, RenderFailed
+from shared.samplers import sampler_help
+
+__all__ = ["render", "render_parser"]
+
+
+def render_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sdfarm render", description="Render one image in-process, with the worker's code."
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a diffusers model directory, or a single-file .safetensors/.ckpt checkpoint",
+    )
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--width", type=int, help="pixels; the model's native size by default")
+    p.add_argument("--height", type=int, help="pixels; the model's native size by default")
+    p.add_argument(
+        "--scheduler",
+        default="lms",
+        help=f"the sampler: {sampler_help()}",
+    )
+    p.add_argument("--init-image", type=Path, help="img2img: a PNG or JPEG of --width x --height")
+    p.add_argument("--strength", type=float, help="img2img: (0, 1], how far to re-noise (0.75)")
+    p.add_argument("--resize-init", action="store_true", help="resize --init-image to the size")
+    p.add_argument(
+        "--long-prompt",
+        choices=("truncate", "chunk"),
+        default="truncate",
+        help="prompts over 75 tokens: cut with a warning, or encode in 75-token chunks",
+    )
+    p.add_argument("--refiner", help="an SDXL refiner (directory or single file) that finishes")
+    p.add_argument(
+        "--refiner-switch-at", type=float, help="with --refiner: where it takes over, (0, 1) (0.8)"
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def _refiner_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The job fields of --refiner and --refiner-switch-at; the refiner is named by its stem."""
+    if args.refiner is None:
+        if args.refiner_switch_at is not None:
+            raise InvalidJob("--refiner-switch-at: applies only with --refiner")
+        return {}
+    name = Path(args.refiner).stem
+    if name == Path(args.model).stem:
+        name += "-refiner"
+    fields: dict[str, Any] = {"refiner": name}
+    if args.refiner_switch_at is not None:
+        fields["refiner_switch_at"] = args.refiner_switch_at
+    return fields
+
+
+def render(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from shared.families import read_model_facts
+    from shared.jobs import JobSpec
+    from shared.metadata import encode_png
+    from shared.problems import problems_from
+    from worker.levers import Levers, apply_levers
+    from worker.models import load_model
+    from worker.rows import pass_params, row_for
+    from worker.sampler import render_pass
+
+    img2img = {}
+    if args.init_image is not None:
+        try:
+            data = args.init_image.read_bytes()
+        except OSError as e:
+            raise InvalidJob(f"--init-image: cannot read {args.init_image}: {e}") from e
+        img2img = {"init_image": base64.b64encode(data).decode(), "resize_init": args.resize_init}
+        if args.strength is not None:
+            img2img["strength"] = args.strength
+    elif args.strength is not None:
+        raise InvalidJob("--strength: applies only with --init-image")
+    refined = _refiner_fields(args)
+    facts = read_model_facts(args.model)  # from its JSON files: checked before loading the weights
+    native = facts.native_px if facts is not None else 512
+    try:
+        spec = JobSpec(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            model=Path(args.model).stem,
+            scheduler=args.scheduler,
+            steps=args.steps,
+            guidance=args.guidance,
+            width=args.width or native,
+            height=args.height or native,
+            seed=args.seed,
+            long_prompt=args.long_prompt,
+            **img2img,
+            **refined,
+        )
+    except ValidationError as e:
+        problems = problems_from(e.errors(include_url=False))
+        first = problems[0]
+        option = "--" + str(first["field"]).replace(".", "-").replace("_", "-")
+        raise InvalidJob(f"{option}: {first['message']}", problems) from e
+    row = row_for(spec)
+    model = load_model(spec.model or "model", args.model, device=args.device)
+    apply_levers(model, Levers())  # a worker's default levers, so the image matches the farm's
+    refiner = None
+    if spec.refiner is not None:
+        refiner = load_model(spec.refiner, args.refiner, device=args.device)
+        apply_levers(refiner, Levers())
+    result = render_pass(model, [row], pass_params(spec), refiner=refiner)
+    for warning in result.warnings[0]:
+        print(f"warning: {warning}", file=sys.stderr)
+    pixels = result.images[0]
+    if pixels is None:
+        raise RenderFailed(f"no image: {result.errors[0]}")
+    from PIL import Image
+
+    data = encode_png(
+        Image.fromarray(pixels),
+        spec.model_dump(),
+        model_name=model.name,
+        model_hash=model.model_hash,
+        extra={"warnings": result.warnings[0]},
+        refiner_hash=refiner.model_hash if refiner is not None else None,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(data)
+    print(f"{args.out} ({', '.join(f'{k} {v:.2f}s' for k, v in result.timings.items())})")
+    return 0
