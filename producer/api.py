@@ -28,7 +28,7 @@ from producer.metrics import render_metrics
 from producer.schemas import Health, errors
 from producer.tenants import load_tenants
 from shared.config import Settings
-from shared.errors import InvalidJob, SdfarmError, UnknownId
+from shared.errors import InvalidJob, RateLimited, SdfarmError, UnknownId
 from shared.problems import problems_from, summary
 
 __all__ = ["create_app"]
@@ -173,6 +173,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnknownId)
     async def unknown(request: Request, exc: UnknownId) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=404)
+
+    @app.exception_handler(RateLimited)
+    async def rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        return JSONResponse({"error": str(exc)}, status_code=429, headers=headers)
 
     @app.exception_handler(SdfarmError)
     async def other(request: Request, exc: SdfarmError) -> JSONResponse:

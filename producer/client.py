@@ -15,7 +15,14 @@ from typing import Any
 
 import httpx
 
-from shared.errors import AccessDenied, FarmUnreachable, InvalidJob, SdfarmError, UnknownId
+from shared.errors import (
+    AccessDenied,
+    FarmUnreachable,
+    InvalidJob,
+    RateLimited,
+    SdfarmError,
+    UnknownId,
+)
 
 __all__ = ["FINAL", "FarmClient"]
 
@@ -213,6 +220,9 @@ def _raise_for(response: httpx.Response) -> None:
         raise UnknownId(message)
     if status in (400, 413, 415, 422):
         raise InvalidJob(message, body.get("problems") if isinstance(body, dict) else None)
+    if status == 429:
+        retry_after = response.headers.get("retry-after", "")
+        raise RateLimited(message, int(retry_after) if retry_after.isdigit() else 60)
     if status >= 500:
         raise FarmUnreachable(f"the farm answered {status}: {message}")
     raise SdfarmError(f"the farm answered {status}: {message}")

@@ -5,7 +5,9 @@ An NDJSON body (`Content-Type: application/x-ndjson`, one job object a line) is 
 line as it arrives and handed, a network chunk at a time, to the same validation as a JSON body
 (`producer.submit`) running in a worker thread; so a 100,000-job body is never held whole, and
 a limit is refused as soon as it is crossed: 413 past `max_body_bytes`, 422 past
-`max_jobs_per_batch` or `max_prompt_chars`, each naming the setting.
+`max_jobs_per_batch` or `max_prompt_chars`, each naming the setting. The caller's tenant limits
+(`producer.quotas`) apply to both bodies: 422 past its `max_jobs_per_batch` or `max_priority`,
+429 with `Retry-After` past its `submits_per_minute`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from producer.farm import ApiError, Farm
+from producer.quotas import Quota
 from producer.schemas import Submitted
 from producer.submit import Accepted, submit_batch
 from shared.batches import BatchCreate, check_callback_url
@@ -125,6 +128,7 @@ class Options:
     priority: int | None = None  # NDJSON only; a JSON body carries its own
     callback_url: str | None = None  # NDJSON only
     tenant: str = DEFAULT_TENANT  # the caller's tenant, recorded on the batch
+    quota: Quota | None = None  # the tenant's limits; None for an admin (or an open farm)
 
 
 async def accept(request: Request, farm: Farm, options: Options) -> JSONResponse:
@@ -143,6 +147,8 @@ async def accept(request: Request, farm: Farm, options: Options) -> JSONResponse
         if (earlier := idem.begin()) is not None:
             return await _replay(options.idempotency_key, earlier, body)
     try:
+        if options.quota is not None:  # a look only: a limited tenant's body is not read
+            options.quota.check_rate(farm.ledger, take=False)
         if media == NDJSON:
             accepted = await _submit_ndjson(farm, body, options)
         else:
@@ -160,10 +166,12 @@ async def accept(request: Request, farm: Farm, options: Options) -> JSONResponse
 async def _submit_ndjson(farm: Farm, body: _Body, options: Options) -> Accepted:
     _check_callback(farm, options.callback_url)
     priority = DEFAULT_PRIORITY if options.priority is None else options.priority
+    if options.quota is not None:
+        options.quota.check_priority(priority)
     meta = _meta(priority, options.callback_url)
     jobs = _pull(_ndjson_jobs(body.chunks()))
     try:
-        return await _submit_in_thread(farm, jobs, meta, options.tenant)
+        return await _submit_in_thread(farm, jobs, meta, options)
     except InvalidJob as e:
         for problem in e.details:  # name the line too: job N is line N+1
             if isinstance(problem.get("job"), int):
@@ -176,13 +184,15 @@ async def _submit_json(farm: Farm, body: _Body, options: Options) -> Accepted:
         raise InvalidJob("with a JSON body, put `priority` and `callback_url` in the body")
     create = _parse_json(await body.read())
     _check_callback(farm, create.callback_url)
+    if options.quota is not None:
+        options.quota.check_priority(create.priority)
     jobs = create.job_dicts()
     meta = _meta(create.priority, create.callback_url)
-    return await _submit_in_thread(farm, jobs, meta, options.tenant)
+    return await _submit_in_thread(farm, jobs, meta, options)
 
 
 async def _submit_in_thread(
-    farm: Farm, jobs: Iterable[Any], meta: dict[str, str], tenant: str
+    farm: Farm, jobs: Iterable[Any], meta: dict[str, str], options: Options
 ) -> Accepted:
     """`submit_batch` off the event loop: validating and writing 100,000 jobs takes seconds."""
     submit = functools.partial(
@@ -193,7 +203,8 @@ async def _submit_in_thread(
         meta=meta,
         native_sizes=farm.native_sizes,
         families=farm.model_families,
-        tenant=tenant,
+        tenant=options.tenant,
+        quota=options.quota,
     )
     return await to_thread.run_sync(submit)
 

@@ -17,6 +17,7 @@ from producer.capacity import unserved_note
 from producer.farm import GUARDED, ApiError, CallerDep, FarmDep
 from producer.manifest import manifest_lines
 from producer.ownership import check_batch
+from producer.quotas import quota_of
 from producer.schemas import (
     BatchCancelled,
     BatchList,
@@ -64,7 +65,7 @@ _SUBMIT_BODY: dict[str, Any] = {
     summary="Submit a batch (JSON, or NDJSON streamed up to max_jobs_per_batch jobs)",
     responses={
         200: {"model": Submitted, "description": "A replay: the Idempotency-Key's first batch."},
-        **errors(409, 413, 415, 422),
+        **errors(409, 413, 415, 422, 429),
     },
     openapi_extra={"requestBody": _SUBMIT_BODY},
 )
@@ -89,7 +90,9 @@ async def create_batch(
         ),
     ] = None,
 ) -> JSONResponse:
-    options = ingest.Options(caller.scope, idempotency_key, priority, callback_url, caller.name)
+    options = ingest.Options(
+        caller.scope, idempotency_key, priority, callback_url, caller.name, quota_of(caller)
+    )
     return await ingest.accept(request, f, options)
 
 

@@ -251,5 +251,6 @@ _ERROR_TEXT = {
     413: "The request body is over `max_body_bytes`.",
     415: "A body that is neither JSON nor NDJSON.",
     422: "Invalid input; `problems` lists each field, value and allowed range.",
+    429: "Over the tenant's `submits_per_minute`; `Retry-After` says when to try again.",
     503: "The job ledger (Redis) or the object store is unavailable; try again.",
 }

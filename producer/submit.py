@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
+from producer.quotas import Quota
 from shared.config import Settings
 from shared.errors import InvalidJob, StorageError, StorageRefused
 from shared.jobs import MAX_SEED, JobSpec, new_batch_id
@@ -38,12 +39,17 @@ def validate_jobs(
     settings: Settings,
     native_sizes: Mapping[str, int] | None = None,
     families: Mapping[str, str] | None = None,
+    *,
+    quota: Quota | None = None,
 ) -> list[JobSpec]:
     """Validate each job and resolve its model, seed and size; refuse the whole batch on any
     problem. A job that names no width or height gets its model's native size where
     `native_sizes` knows it (`shared.families`), else the spec's default. Where `families`
-    knows a model's family, a refiner must be an sdxl-refiner finishing an sdxl base."""
+    knows a model's family, a refiner must be an sdxl-refiner finishing an sdxl base. A
+    tenant's `quota` may hold fewer jobs a batch than the farm's setting."""
     sizes = native_sizes or {}
+    tenant_max_jobs = quota.max_jobs(settings.max_jobs_per_batch) if quota else None
+    size = len(job_dicts) if isinstance(job_dicts, Sized) else None  # None: a stream
     default_model = settings.resolve_default_model()
     known = settings.model_names()
     specs: list[JobSpec] = []
@@ -57,6 +63,8 @@ def validate_jobs(
                 "(setting max_jobs_per_batch)",
                 [{"job": index, "field": "jobs", "message": "too many jobs"}],
             )
+        if quota is not None and tenant_max_jobs is not None and count > tenant_max_jobs:
+            raise quota.too_many_jobs(index, size)
         if len(problems) >= _MAX_REPORTED:
             continue
         if not isinstance(raw, Mapping):
@@ -211,11 +219,15 @@ def submit_batch(
     native_sizes: Mapping[str, int] | None = None,
     families: Mapping[str, str] | None = None,
     tenant: str = DEFAULT_TENANT,
+    quota: Quota | None = None,
 ) -> Accepted:
     """Validate, then record every job as `queued`; nothing is written if any job is refused.
-    The batch belongs to `tenant` (the caller's)."""
-    specs = validate_jobs(job_dicts, settings, native_sizes, families)
+    The batch belongs to `tenant` (the caller's); its `quota` (None: no tenant limits) is
+    applied here, and its submit rate counted only once every job has passed."""
+    specs = validate_jobs(job_dicts, settings, native_sizes, families, quota=quota)
     _check_init_image_keys(specs, settings)
+    if quota is not None:
+        quota.check_rate(ledger, take=True)  # after validation: a refused batch costs nothing
     batch_id = new_batch_id()
     job_ids = ledger.create_batch(batch_id, specs, meta=meta, tenant=tenant)
     log.info("batch %s: %d jobs queued for tenant %s", batch_id, len(job_ids), tenant)

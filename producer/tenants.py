@@ -20,8 +20,9 @@ Only digests are kept in memory: a presented key is hashed and compared with eve
 constant time. A tenant is defined in one place with one role. A farm with no keys at all is open
 (local development): every caller is tenant `default` with admin rights, as before tenants.
 
-The limits are parsed, checked and kept on each `Tenant`; enforcing them (quotas, fair share
-between tenants in the dispatcher) is a later step, and nothing reads them yet.
+The limits are parsed, checked and kept on each `Tenant`. Submit enforces `max_jobs_per_batch`,
+`max_priority` and `submits_per_minute` (`producer.quotas`); `max_queued_jobs` and `weight` (fair
+share between tenants in the dispatcher) are read by nothing yet. An admin has no tenant limits.
 """
 
 from __future__ import annotations
@@ -75,21 +76,24 @@ class Role(enum.StrEnum):
 class Limits(BaseModel):
     """A tenant's limits; None means only the farm's own settings apply.
 
-    Parsed and validated now; enforced by a LATER step (quotas at submit, fair share in the
-    dispatcher). Until then they are informational only.
+    Submit enforces `max_jobs_per_batch`, `max_priority` and `submits_per_minute`
+    (`producer.quotas`: 422, 422 and 429). `max_queued_jobs` and `weight` are parsed and
+    validated but not enforced yet (no exact per-tenant queued count; no fair share in the
+    dispatcher). A tenant with the admin role is never limited.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Jobs of the tenant's that may wait (queued) at once.
+    # Jobs of the tenant's that may wait (queued) at once (not enforced yet).
     max_queued_jobs: int | None = Field(default=None, ge=1)
     # Jobs in one of its batches (below the farm's max_jobs_per_batch).
     max_jobs_per_batch: int | None = Field(default=None, ge=1)
     # Highest batch priority it may ask for (0-9).
     max_priority: int | None = Field(default=None, ge=0, le=MAX_PRIORITY)
-    # Submissions per minute.
+    # Submissions per minute, in a fixed window (below 1: one submit every 60/rate seconds).
     submits_per_minute: float | None = Field(default=None, gt=0)
-    # Its share of the GPUs against other tenants with work waiting (1 = an equal share).
+    # Its share of the GPUs against other tenants with work waiting (1 = an equal share; not
+    # enforced yet).
     weight: float = Field(default=1.0, gt=0, le=1000)
 
 

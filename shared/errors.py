@@ -11,6 +11,7 @@
     ├── ServiceStartError     (permanent)  a local service (Redis, SeaweedFS...) did not come up
     ├── RenderCancelled       (permanent)  the job was cancelled while it rendered
     ├── RenderFailed          (permanent)  the sampling loop failed for this job
+    ├── RateLimited           (retryable)  a tenant over its submits_per_minute; retry after
     ├── StorageError          (retryable)  the object store failed or timed out
     │   └── StorageRefused                 it answered and refused: credentials, permissions, bucket
     ├── WorkerStopping        (retryable)  the worker is shutting down; its work is handed back
@@ -34,6 +35,7 @@ __all__ = [
     "IllegalTransition",
     "InvalidJob",
     "ModelLoadError",
+    "RateLimited",
     "RenderCancelled",
     "RenderFailed",
     "SdfarmError",
@@ -110,6 +112,16 @@ class RenderFailed(SdfarmError):
     """The sampling loop failed for a job in a way that retrying will not fix."""
 
     reason = FailureReason.RENDER_FAILED
+
+
+class RateLimited(SdfarmError):
+    """A tenant over its submit rate; `retry_after_s` says when the window frees (HTTP 429)."""
+
+    retryable = True
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class StorageError(SdfarmError):

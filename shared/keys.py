@@ -88,6 +88,10 @@ class Keys:
     def idempotency(self, scope: str, key: str) -> str:
         return f"{self.prefix}:idem:{scope}:{key}"  # hash: batch id, body hash; status TTL
 
+    def submit_rate(self, tenant: str) -> str:
+        # counter with a TTL: the tenant's submits in its current fixed window (ledger.rates)
+        return f"{self.prefix}:rate:submits:{tenant}"
+
     def done_bucket(self, kind: str, name: str, bucket: int) -> str:
         # counter of jobs that succeeded in one THROUGHPUT_BUCKET_S bucket, per model or worker
         return f"{self.prefix}:done:{kind}:{name}:{bucket}"

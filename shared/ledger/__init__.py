@@ -8,6 +8,7 @@
 - `loops`: the dispatch lock and the ended-batch lists of the background loops; `Ledger.loops`.
 - `deliveries`: the webhook delivery queue; `Ledger.webhooks`.
 - `idempotency`: `Idempotency-Key` records of submissions; `Ledger.idempotency`.
+- `rates`: each tenant's submits in its current window (`submits_per_minute`); `Ledger.rates`.
 - `stats`: counts, depths and throughput for /metrics, ETAs and capacity; `Ledger.stats`.
 - `outcomes`: the counters a job's end moves (per state, per failure reason, render times).
 - `submit`: writing a new batch in pipelined slices and one transaction.

@@ -27,6 +27,7 @@ from shared.ledger.idempotency import IdempotencyKeys
 from shared.ledger.leases import Leases
 from shared.ledger.loops import Loops
 from shared.ledger.outcomes import Outcomes
+from shared.ledger.rates import SubmitRates
 from shared.ledger.records import (
     DEFAULT_TENANT,
     BatchRecord,
@@ -53,8 +54,8 @@ class Ledger(Transitions, Leases):
     """Reads and writes job and batch records. Built from a Redis client and the settings.
 
     Its state changes are in `shared.ledger.transitions`, its dispatch and leases in
-    `shared.ledger.leases`; the loops, webhooks, idempotency, stats and worker registry are
-    attributes of their own.
+    `shared.ledger.leases`; the loops, webhooks, idempotency, submit rates, stats and worker
+    registry are attributes of their own.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class Ledger(Transitions, Leases):
         self.loops = Loops(client, self.keys)  # the dispatch lock, the ended-batch lists
         self.webhooks = WebhookQueue(client, self.keys)  # webhook deliveries waiting or retrying
         self.idempotency = IdempotencyKeys(client, self.keys)  # Idempotency-Key -> batch
+        self.rates = SubmitRates(client, self.keys)  # each tenant's submits in its window
         self.stats = Stats(client, self.keys)  # counts and depths for /metrics, ETAs, capacity
         self.workers = Workers(client, self.keys)  # the worker registry (heartbeats)
 

@@ -27,6 +27,7 @@ __all__ = [
     "RECORD_OUTCOME",
     "RENEW_LEASES",
     "RETRY_JOBS",
+    "SUBMIT_RATE",
     "TAKE_CHUNK",
     "TRANSITION",
     "lua_keys",
@@ -51,6 +52,7 @@ _LUA_KEYS = (
     "active_batches",
     "done_bucket",
     "stats",
+    "submit_rate",
 )
 _MARK = "\x00"
 _LITERAL = re.compile(r"^[A-Za-z0-9:_\-]*$")
@@ -118,3 +120,4 @@ TAKE_CHUNK = _load("take_chunk")
 RENEW_LEASES = _load("renew_leases")
 RETRY_JOBS = _load("retry_jobs", with_push_pending=True)
 RECORD_OUTCOME = _load("record_outcome")
+SUBMIT_RATE = _load("submit_rate")
