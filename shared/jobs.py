@@ -29,6 +29,7 @@ from shared.init_images import (
     image_size,
     init_image_bytes,
 )
+from shared.prompt_tags import lora_tags_to_field
 from shared.samplers import SAMPLER_IDS, sampler_help
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "TERMINAL_STATES",
     "JobSpec",
     "JobState",
+    "LoraRef",
     "batch_of",
     "is_batch_id",
     "is_job_id",
@@ -77,6 +79,28 @@ class JobState(enum.StrEnum):
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 Prompt = Annotated[str, StringConstraints(max_length=100_000)]
+MAX_LORAS = 16  # per job
+ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
+
+
+class LoraRef(BaseModel):
+    """A LoRA of the farm's library (by its file's stem) and the weight to apply it at."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: ModelName = Field(description="A LoRA of SDFARM_LORA_DIR, by its file's stem.")
+    weight: float = Field(default=1.0, ge=-10.0, le=10.0, description="A1111's weight.")
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _a_number(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("weight must be a number, not a boolean")
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"weight must be a finite number, got {value}")
+        return value
 
 
 class JobSpec(BaseModel):
@@ -113,6 +137,23 @@ class JobSpec(BaseModel):
         default="truncate",
         description="Prompts over CLIP's 75 tokens: cut (with a warning) or encode in chunks.",
     )
+    prompt_syntax: Literal["a1111", "plain"] = Field(
+        default="a1111",
+        description="a1111: emphasis `(word:1.3)`, `[word]`, `BREAK` and `<lora:NAME:W>` tags "
+        "as A1111 reads them; plain: the text goes to CLIP as it is.",
+    )
+    loras: list[LoraRef] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS,
+        description="LoRAs to apply; `<lora:NAME:W>` tags in the prompt end up here too.",
+    )
+    clip_skip: int | None = Field(
+        default=None,
+        ge=1,
+        le=12,
+        description="A1111's clip skip: 1 is CLIP's last layer (diffusers' clip_skip=k is k+1).",
+    )
+    vae: ModelName | None = Field(default=None, description="A VAE of SDFARM_VAES, by name.")
     # SDXL's size conditioning, per job (jobs with different values still share a pass).
     original_width: int | None = Field(
         default=None, ge=1, le=MAX_CONDITIONING_PX, description="SDXL: original size; `width`."
@@ -215,6 +256,24 @@ class JobSpec(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt must contain something other than whitespace")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_tags_to_loras(cls, data: Any) -> Any:
+        """`<lora:NAME:W>` tags in an a1111-syntax prompt move to `loras` (shared/prompt_tags.py),
+        so a tag and the field end up the same in the job record."""
+        if not isinstance(data, dict) or data.get("prompt_syntax", "a1111") != "a1111":
+            return data
+        return lora_tags_to_field(data)
+
+    @field_validator("loras")
+    @classmethod
+    def _each_lora_once(cls, value: list[LoraRef]) -> list[LoraRef]:
+        names = [lora.name for lora in value]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"each LoRA may be named once; named more than once: {twice}")
         return value
 
     @field_validator("refiner")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
@@ -25,6 +26,7 @@ def infotext(
     model_name: str,
     model_hash: str | None = None,
     refiner_hash: str | None = None,
+    extra: Sequence[tuple[str, str]] = (),
 ) -> str:
     """The A1111 `parameters` text: prompt, `Negative prompt:` line when set, then settings (with
     a refiner, A1111's `Refiner: name [hash]` and `Refiner switch at`)."""
@@ -50,6 +52,7 @@ def infotext(
         switch = spec.get("refiner_switch_at")
         switch = DEFAULT_REFINER_SWITCH_AT if switch is None else switch
         settings += [f"Refiner: {spec['refiner']}{hashed}", f"Refiner switch at: {switch:g}"]
+    settings += [f"{key}: {value}" for key, value in extra]  # e.g. ("Lora hashes", '"a: 1f"')
     lines.append(", ".join(settings))
     return "\n".join(lines)
 
@@ -62,10 +65,18 @@ def encode_png(
     model_hash: str | None,
     extra: dict[str, Any] | None = None,
     refiner_hash: str | None = None,
+    extra_params: Sequence[tuple[str, str]] = (),
 ) -> bytes:
-    """PNG bytes with the `parameters` chunk and an `sdfarm` JSON chunk holding the full spec."""
+    """PNG bytes with the `parameters` chunk and an `sdfarm` JSON chunk holding the full spec;
+    `extra_params` are more `Key: value` settings for `parameters` (`infotext`'s `extra`)."""
     info = PngInfo()
-    text = infotext(spec, model_name=model_name, model_hash=model_hash, refiner_hash=refiner_hash)
+    text = infotext(
+        spec,
+        model_name=model_name,
+        model_hash=model_hash,
+        refiner_hash=refiner_hash,
+        extra=extra_params,
+    )
     info.add_text("parameters", text)
     record = {"spec": _without_image_data(spec), "model_hash": model_hash, **(extra or {})}
     if refiner_hash is not None:

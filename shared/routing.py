@@ -21,6 +21,12 @@ def compat_key(spec: JobSpec) -> str:
         key += f"|img2img@{spec.denoising_strength:g}"
     if spec.refiner is not None:
         key += f"|refiner={spec.refiner}@{spec.switch_at:g}"
+    if spec.loras:
+        # A LoRA changes the U-Net's weights: only the same set at the same weights shares.
+        loras = sorted(f"{lora.name}:{lora.weight:g}" for lora in spec.loras if lora.weight)
+        key += f"|loras={','.join(loras)}" if loras else ""
+    if spec.vae is not None:
+        key += f"|vae={spec.vae}"
     return key
 
 
