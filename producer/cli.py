@@ -19,13 +19,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
-from producer.commands import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_UNREACHABLE,
-    HANDLERS,
-)
+from producer.commands import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, HANDLERS
 from shared.config import Settings, parse_models
 from shared.errors import AccessDenied, FarmUnreachable, InvalidJob, SdfarmError, UnknownId
 
@@ -76,6 +70,12 @@ def _add_submit_command(sub: _Subparsers[argparse.ArgumentParser]) -> None:
         "submit", help="submit prompts (FILE: .txt one prompt a line, .jsonl one job a line)"
     )
     p.add_argument("file", nargs="?", type=Path)
+    p.add_argument(
+        "--from-png",
+        type=Path,
+        metavar="DIR",
+        help="re-submit every PNG in DIR as the job its A1111 `parameters` describe",
+    )
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     for name, kind in (
         ("model", str),

@@ -74,17 +74,21 @@ class FarmClient:
         jobs: Sequence[dict[str, Any]] | None = None,
         *,
         prompts: Sequence[str] | None = None,
+        a1111: Sequence[str] | None = None,
         defaults: dict[str, Any] | None = None,
         priority: int | None = None,
         callback_url: str | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        """Submit a batch as one JSON body; returns `{"batch_id", "job_ids", "replayed"}`."""
+        """Submit a batch as one JSON body (`jobs`, `prompts` or A1111 infotexts `a1111`);
+        returns `{"batch_id", "job_ids", "replayed"}`."""
         body: dict[str, Any] = {"defaults": defaults or {}}
         if jobs is not None:
             body["jobs"] = list(jobs)
         if prompts is not None:
             body["prompts"] = list(prompts)
+        if a1111 is not None:
+            body["a1111"] = list(a1111)
         if priority is not None:
             body["priority"] = priority
         if callback_url is not None:

@@ -19,7 +19,8 @@ from producer import views
 from producer.client import FarmClient
 from shared.config import Settings
 from shared.errors import InvalidJob
-from shared.jobs import is_batch_id, is_job_id
+from shared.ids import is_batch_id, is_job_id
+from shared.metadata import read_png_metadata
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "EXIT_UNREACHABLE", "HANDLERS"]
 
@@ -73,10 +74,46 @@ def _file_jobs(path: Path, defaults: dict[str, Any]) -> Iterator[dict[str, Any]]
             yield {**defaults, **job}
 
 
+def _png_infotexts(folder: Path) -> list[tuple[Path, str]]:
+    """Each PNG of `folder` (by name) with its A1111 `parameters` text; InvalidJob naming a file
+    that is not a PNG or holds none."""
+    if not folder.is_dir():
+        raise InvalidJob(f"--from-png: {folder} is not a folder")
+    found = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png"):
+        try:
+            text = read_png_metadata(path.read_bytes()).get("parameters")
+        except OSError as e:  # PIL's UnidentifiedImageError is one
+            raise InvalidJob(f"--from-png: cannot read {path}: {e}") from e
+        if not text:
+            raise InvalidJob(f"--from-png: {path} holds no A1111 `parameters` text")
+        found.append((path, text))
+    if not found:
+        raise InvalidJob(f"--from-png: no .png files in {folder}")
+    return found
+
+
+def _submit_pngs(
+    farm: FarmClient, folder: Path, defaults: dict[str, Any], options: dict[str, Any]
+) -> dict[str, Any]:
+    """One batch of the jobs the PNGs' infotexts describe; a refusal names the file."""
+    pngs = _png_infotexts(folder)
+    try:
+        return farm.submit(a1111=[text for _, text in pngs], defaults=defaults, **options)
+    except InvalidJob as e:
+        index = next((p.get("job") for p in e.details if isinstance(p.get("job"), int)), None)
+        if index is None or not 0 <= index < len(pngs):
+            raise
+        raise InvalidJob(f"{pngs[index][0]}: {e}", e.details) from e
+
+
 def _submit(args: argparse.Namespace) -> int:
     defaults = _defaults(args)
-    if args.file is None and not args.prompt:
-        raise InvalidJob("nothing to submit: give a FILE or --prompt TEXT")
+    from_png: Path | None = getattr(args, "from_png", None)
+    if from_png is not None and (args.file is not None or args.prompt):
+        raise InvalidJob("--from-png: give it alone, without a FILE or --prompt")
+    if args.file is None and not args.prompt and from_png is None:
+        raise InvalidJob("nothing to submit: give a FILE, --prompt TEXT or --from-png DIR")
     if args.file is not None and not args.file.is_file():
         raise InvalidJob(f"cannot read {args.file}: no such file")
     options = {
@@ -86,7 +123,9 @@ def _submit(args: argparse.Namespace) -> int:
     }
     with client() as farm:
         prompts = [{**defaults, "prompt": p} for p in args.prompt or []]
-        if args.file is None:
+        if from_png is not None:
+            submitted = _submit_pngs(farm, from_png, defaults, options)
+        elif args.file is None:
             submitted = farm.submit(prompts, **options)
         else:
             # A file goes as NDJSON, streamed while it is read.

@@ -27,6 +27,7 @@ from shared.celery_app import make_celery
 from shared.config import Settings
 from shared.families import model_facts
 from shared.ledger import Ledger
+from shared.lora_library import LoraLibrary
 from shared.storage import Storage, open_storage
 
 __all__ = [
@@ -75,6 +76,10 @@ class Farm:
         facts = model_facts(settings.models)
         self.native_sizes = {name: f.native_px for name, f in facts.items()}
         self.model_families = {name: f.family for name, f in facts.items()}
+        # The LoRA library, listed now and again at a submit after its folder changed.
+        self.loras = LoraLibrary(settings.lora_dir) if settings.lora_dir is not None else None
+        if self.loras is not None:
+            self.loras.refresh()
         self.dispatcher = Dispatcher(settings, self.ledger, self.celery)
         self.queue = QueueView(self.ledger, settings)
         self.finisher = Finisher(self.ledger, self.storage, settings)
@@ -98,6 +103,15 @@ class Farm:
         for thread in self._threads:
             thread.join(timeout=5)
         self.ledger.close()
+
+    def models_by_hash(self) -> dict[str, str]:
+        """A1111 short hash -> model name, from the live workers' heartbeats: an infotext's
+        `Model hash` finds its model here (`shared.infotext`)."""
+        return {
+            digest: name
+            for record in self.ledger.workers.live()
+            for name, digest in (record.get("model_hashes") or {}).items()
+        }
 
 
 # The dependencies below do no I/O, so they are `async def`: FastAPI runs a plain `def`

@@ -32,7 +32,8 @@ from producer.schemas import Submitted
 from producer.submit import Accepted, submit_batch
 from shared.batches import BatchCreate, check_callback_url
 from shared.errors import InvalidJob
-from shared.jobs import DEFAULT_PRIORITY, job_id_for
+from shared.ids import job_id_for
+from shared.jobs import DEFAULT_PRIORITY
 from shared.ledger import DEFAULT_TENANT
 from shared.problems import problems_from, summary
 
@@ -186,7 +187,7 @@ async def _submit_json(farm: Farm, body: _Body, options: Options) -> Accepted:
     _check_callback(farm, create.callback_url)
     if options.quota is not None:
         options.quota.check_priority(create.priority)
-    jobs = create.job_dicts()
+    jobs = create.job_dicts(farm.models_by_hash() if create.a1111 is not None else None)
     meta = _meta(create.priority, create.callback_url)
     return await _submit_in_thread(farm, jobs, meta, options)
 
@@ -203,6 +204,7 @@ async def _submit_in_thread(
         meta=meta,
         native_sizes=farm.native_sizes,
         families=farm.model_families,
+        loras=farm.loras,
         tenant=options.tenant,
         quota=options.quota,
     )

@@ -13,6 +13,9 @@ any API replica answers the same and a restarted API loses nothing:
     sdfarm_workers                           live workers (gauge)
     sdfarm_worker_images_per_second{worker}  over the last minute (gauge)
     sdfarm_worker_images_done{worker}        since the worker process started (gauge)
+    sdfarm_worker_lora_loads{worker}         LoRA files loaded into a model, since start (gauge)
+    sdfarm_worker_lora_hits{worker}          LoRAs a pass needed that were loaded already (gauge)
+    sdfarm_worker_lora_evictions{worker}     LoRAs unloaded to stay within lora_cache_bytes (gauge)
     sdfarm_model_workers{model}              live workers that hold the model (gauge)
     sdfarm_model_images_per_second{model}    those workers' images/s, last minute (gauge)
     sdfarm_model_drain_seconds{model}        time to render what waits at that rate; +Inf when
@@ -188,11 +191,27 @@ class FarmCollector:
             "Images a worker process finished since it started.",
             labels=["worker"],
         )
+        # Per-process counts, like images_done: they restart at 0 with the worker process.
+        loras = {
+            field: GaugeMetricFamily(
+                f"sdfarm_worker_{field}",
+                f"LoRA {what} in a worker process since it started.",
+                labels=["worker"],
+            )
+            for field, what in (
+                ("lora_loads", "files loaded into a model"),
+                ("lora_hits", "uses that found it loaded"),
+                ("lora_evictions", "unloads to stay within lora_cache_bytes"),
+            )
+        }
         for worker in workers:
             rate.add_metric([worker["worker_id"]], self.farm.queue.worker_rate(worker["worker_id"]))
             done.add_metric([worker["worker_id"]], int(worker.get("images_done", 0)))
+            for field, metric in loras.items():
+                metric.add_metric([worker["worker_id"]], int(worker.get(field, 0)))
         yield rate
         yield done
+        yield from loras.values()
 
     def _capacity(self) -> Iterator[Metric]:
         """The autoscaling signal (producer.capacity): per model, workers, rate, drain time."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from producer.tenants import Caller
-from shared.jobs import batch_of, is_job_id
+from shared.ids import batch_of, is_job_id
 from shared.ledger import Ledger
 from shared.ledger.records import unknown_batch, unknown_job
 

@@ -31,7 +31,8 @@ from producer.schemas import (
     job_public,
 )
 from shared.batches import MAX_CALLBACK_URL_CHARS, BatchCreate
-from shared.jobs import MAX_PRIORITY, JobSpec, JobState, is_batch_id
+from shared.ids import is_batch_id
+from shared.jobs import MAX_PRIORITY, JobSpec, JobState
 from shared.ledger import BatchRecord
 
 __all__ = ["router"]

@@ -15,7 +15,8 @@ from producer.capacity import unserved_note
 from producer.farm import GUARDED, ApiError, CallerDep, FarmDep
 from producer.ownership import check_job, visible_job_ids
 from producer.schemas import JobCancelled, JobPublic, WorkersList, errors, job_public
-from shared.jobs import JobState, is_job_id
+from shared.ids import is_job_id
+from shared.jobs import JobState
 
 __all__ = ["router"]
 

@@ -151,6 +151,7 @@ class WorkerPublic(BaseModel):
         default_factory=dict,
         description="Each model's family, read from it: sd1, sd2, sdxl, sdxl-refiner.",
     )
+    vaes: list[str] = Field(default_factory=list, description="The VAEs of SDFARM_VAES it holds.")
     current: list[str] = Field(default_factory=list)
     images_done: int = 0
     images_per_s: float = Field(default=0.0, description="Over the last minute.")

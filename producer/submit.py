@@ -13,11 +13,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from producer.lora_checks import check_loras
 from producer.quotas import Quota
 from shared.config import Settings
 from shared.errors import InvalidJob, StorageError, StorageRefused
-from shared.jobs import MAX_SEED, JobSpec, new_batch_id
+from shared.ids import new_batch_id
+from shared.jobs import MAX_SEED, JobSpec
 from shared.ledger import DEFAULT_TENANT, Ledger
+from shared.lora_library import LoraLibrary
 from shared.problems import problems_from
 
 __all__ = ["Accepted", "submit_batch", "validate_jobs"]
@@ -41,12 +44,14 @@ def validate_jobs(
     families: Mapping[str, str] | None = None,
     *,
     quota: Quota | None = None,
+    loras: LoraLibrary | None = None,
 ) -> list[JobSpec]:
     """Validate each job and resolve its model, seed and size; refuse the whole batch on any
     problem. A job that names no width or height gets its model's native size where
     `native_sizes` knows it (`shared.families`), else the spec's default. Where `families`
     knows a model's family, a refiner must be an sdxl-refiner finishing an sdxl base. A
-    tenant's `quota` may hold fewer jobs a batch than the farm's setting."""
+    tenant's `quota` may hold fewer jobs a batch than the farm's setting. The LoRAs a job names
+    are in the library `loras` and made for its model's family (`producer.lora_checks`)."""
     sizes = native_sizes or {}
     tenant_max_jobs = quota.max_jobs(settings.max_jobs_per_batch) if quota else None
     size = len(job_dicts) if isinstance(job_dicts, Sized) else None  # None: a stream
@@ -85,8 +90,10 @@ def validate_jobs(
         except ValidationError as e:
             problems.extend({"job": index, **p} for p in problems_from(e.errors(include_url=False)))
             continue
-        problem = _check_against_settings(spec, settings, known) or _check_refiner(
-            spec, known, families or {}
+        problem = (
+            _check_against_settings(spec, settings, known)
+            or _check_refiner(spec, known, families or {})
+            or check_loras(spec, loras, families or {})
         )
         if problem:
             problems.append({"job": index, **problem})
@@ -132,6 +139,13 @@ def _check_against_settings(
             "field": "model",
             "value": model,
             "message": f"unknown model {model!r}; known: {', '.join(known)}",
+        }
+    if spec.vae is not None and spec.vae not in settings.vaes:
+        return {
+            "field": "vae",
+            "value": spec.vae,
+            "message": f"unknown VAE {spec.vae!r}; known: {', '.join(settings.vaes) or 'none'} "
+            "(setting SDFARM_VAES)",
         }
     return None
 
@@ -220,11 +234,12 @@ def submit_batch(
     families: Mapping[str, str] | None = None,
     tenant: str = DEFAULT_TENANT,
     quota: Quota | None = None,
+    loras: LoraLibrary | None = None,
 ) -> Accepted:
     """Validate, then record every job as `queued`; nothing is written if any job is refused.
     The batch belongs to `tenant` (the caller's); its `quota` (None: no tenant limits) is
     applied here, and its submit rate counted only once every job has passed."""
-    specs = validate_jobs(job_dicts, settings, native_sizes, families, quota=quota)
+    specs = validate_jobs(job_dicts, settings, native_sizes, families, quota=quota, loras=loras)
     _check_init_image_keys(specs, settings)
     if quota is not None:
         quota.check_rate(ledger, take=True)  # after validation: a refused batch costs nothing

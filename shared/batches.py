@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import (
@@ -15,6 +16,7 @@ from pydantic import (
 )
 
 from shared.errors import InvalidJob
+from shared.infotext import job_from_infotext
 from shared.jobs import DEFAULT_PRIORITY, MAX_PRIORITY
 
 __all__ = ["MAX_CALLBACK_URL_CHARS", "BatchCreate", "CallbackUrl", "check_callback_url"]
@@ -40,12 +42,17 @@ def check_callback_url(url: str) -> str:
 
 
 class BatchCreate(BaseModel):
-    """A submission: either full `jobs`, or `prompts` that share `defaults`."""
+    """A submission: full `jobs`, `prompts` that share `defaults`, or A1111 infotexts."""
 
     model_config = ConfigDict(extra="forbid")
 
     jobs: list[dict[str, Any]] | None = None
     prompts: list[str] | None = None
+    a1111: list[str] | None = Field(
+        default=None,
+        description="A1111 `parameters` texts (an image's infotext), each the job it describes; "
+        "a setting sdfarm cannot honour is refused by name.",
+    )
     defaults: dict[str, Any] = Field(default_factory=dict)
     priority: Annotated[int, Strict()] = Field(
         default=DEFAULT_PRIORITY,
@@ -58,12 +65,29 @@ class BatchCreate(BaseModel):
         description="POSTed the batch summary (signed, X-Sdfarm-Signature) when the batch ends.",
     )
 
-    def job_dicts(self) -> list[dict[str, Any]]:
-        if (self.jobs is None) == (self.prompts is None):
-            raise InvalidJob("give exactly one of `jobs` (a list of job objects) or `prompts`")
+    def job_dicts(self, model_hashes: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """The jobs of the submission; `model_hashes` (A1111 short hash -> model name) finds
+        the models of `a1111` texts by their `Model hash`."""
+        if [self.jobs, self.prompts, self.a1111].count(None) != 2:
+            raise InvalidJob(
+                "give exactly one of `jobs` (a list of job objects), `prompts` or `a1111`"
+            )
         if "prompt" in self.defaults:
             raise InvalidJob("`defaults` may not hold a prompt; put prompts in `prompts`")
         if self.jobs is not None:
             return [{**self.defaults, **job} for job in self.jobs]
+        if self.a1111 is not None:
+            return [
+                {**self.defaults, **_infotext_job(index, text, model_hashes)}
+                for index, text in enumerate(self.a1111)
+            ]
         assert self.prompts is not None
         return [{**self.defaults, "prompt": prompt} for prompt in self.prompts]
+
+
+def _infotext_job(index: int, text: str, model_hashes: Mapping[str, str] | None) -> dict[str, Any]:
+    try:
+        return job_from_infotext(text, model_hashes)
+    except InvalidJob as e:
+        details = [{"job": index, **problem} for problem in e.details]
+        raise InvalidJob(f"job {index} (a1111[{index}]), {e}", details) from e

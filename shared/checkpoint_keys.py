@@ -14,6 +14,7 @@ import re
 import struct
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "CHECKPOINT_NATIVE_PX",
@@ -24,6 +25,7 @@ __all__ = [
     "SDXL_TEXT_2",
     "SGM_EMBEDDERS",
     "checkpoint_family",
+    "safetensors_header",
     "safetensors_keys",
     "sd2_is_v_prediction",
 ]
@@ -72,6 +74,15 @@ def sd2_is_v_prediction(path: Path) -> bool:
 def safetensors_keys(path: Path) -> list[str] | None:
     """The tensor names of the `.safetensors` file at `path`, read from its header alone; None
     when it is not one (unreadable, too short, or a header that is not a JSON object)."""
+    header = safetensors_header(path)
+    if header is None:
+        return None
+    return [key for key in header if key != "__metadata__"]
+
+
+def safetensors_header(path: Path) -> dict[str, Any] | None:
+    """The JSON header of the `.safetensors` file at `path` (each tensor's dtype, shape and
+    offsets, and `__metadata__`); None when it is not one."""
     try:
         with path.open("rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
@@ -80,6 +91,4 @@ def safetensors_keys(path: Path) -> list[str] | None:
             header = json.loads(f.read(length))
     except (OSError, ValueError, struct.error):
         return None
-    if not isinstance(header, dict):
-        return None
-    return [key for key in header if key != "__metadata__"]
+    return header if isinstance(header, dict) else None

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     presign_expiry_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
     # Models the farm knows: name -> diffusers directory, single-file checkpoint or hub id.
     models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # VAEs a job may name in `vae`: name -> diffusers AutoencoderKL folder or single LDM-layout
+    # file (worker/vaes.py). Every worker loads all of them, so any worker takes any job.
+    vaes: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     # The model a job gets when it names none (the first configured one when unset).
     default_model: str | None = None
     # Where clients find the API.
@@ -96,6 +99,16 @@ class Settings(BaseSettings):
     # TEST HOOK (fault suite only, 0 = off): passes of more rows than this raise
     # torch.cuda.OutOfMemoryError mid-loop, as a GPU that is too small would.
     simulate_oom_above_batch: int = Field(default=0, ge=0)
+    # The LoRA library: a folder of `.safetensors` LoRAs, each named by its file's stem
+    # (shared/lora_library.py); unset: jobs may not name LoRAs. The API and every worker read it.
+    lora_dir: Path | None = None
+    # Bytes of LoRA files a worker keeps loaded as adapters of its models; the least recently
+    # used are unloaded beyond it (a LoRA set in use stays, even if it alone is bigger).
+    lora_cache_bytes: int = Field(default=2 * 1024**3, ge=0)
+    # Textual-inversion embeddings (A1111 `.pt`/`.safetensors`, diffusers' `learned_embeds`), each
+    # named by its file's stem and used where a prompt names it (worker/embeddings.py); every
+    # worker installs those that fit each model at start. A local folder; unset: none.
+    embeddings_dir: Path | None = None
     # Progress is written at most this often per chunk.
     progress_interval_s: float = Field(default=0.25, ge=0)
     # A worker's heartbeat record lives this long unless renewed.
@@ -136,7 +149,7 @@ class Settings(BaseSettings):
     # ETAs use the images finished in this recent window (per model).
     throughput_window_s: float = Field(default=300.0, ge=10)
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "vaes", mode="before")
     @classmethod
     def _parse_models(cls, value: object) -> object:
         return parse_models(value) if isinstance(value, str) else value
@@ -148,10 +161,30 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @field_validator("tenants_file", mode="before")
+    @field_validator("tenants_file", "lora_dir", "embeddings_dir", mode="before")
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("lora_dir", mode="before")
+    @classmethod
+    def _lora_dir_is_a_folder(cls, value: object) -> object:
+        if isinstance(value, str) and "://" in value:
+            raise ValueError(
+                f"lora_dir must be a folder; {value!r} is a URL, and s3:// LoRA libraries are "
+                "not read yet: sync the prefix to a folder the API and the workers share"
+            )
+        return value
+
+    @field_validator("embeddings_dir", mode="before")
+    @classmethod
+    def _embeddings_dir_is_a_folder(cls, value: object) -> object:
+        if isinstance(value, str) and "://" in value:
+            raise ValueError(
+                f"embeddings_dir must be a folder; {value!r} is a URL, and s3:// embeddings are "
+                "not read yet: sync the prefix to a folder on each worker"
+            )
+        return value
 
     @field_validator("storage_url")
     @classmethod

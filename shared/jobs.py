@@ -7,28 +7,25 @@ when it decodes the stored spec; both use these models, so the rules live in one
 from __future__ import annotations
 
 import enum
-import math
 import re
-import secrets
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StringConstraints,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from shared.errors import InvalidJob
 from shared.init_images import (
     MAX_INIT_IMAGE_CHARS,
     S3_REF_RE,
     image_size,
     init_image_bytes,
 )
+from shared.job_fields import MAX_LORAS, LoraRef, ModelName, Prompt, finite_number
 from shared.prompt_tags import lora_tags_to_field
 from shared.samplers import SAMPLER_IDS, sampler_help
 
@@ -40,11 +37,6 @@ __all__ = [
     "JobSpec",
     "JobState",
     "LoraRef",
-    "batch_of",
-    "is_batch_id",
-    "is_job_id",
-    "job_id_for",
-    "new_batch_id",
 ]
 
 # Sampler names a job may ask for, from the one table of samplers (shared/samplers.py).
@@ -77,30 +69,6 @@ class JobState(enum.StrEnum):
 
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-
-Prompt = Annotated[str, StringConstraints(max_length=100_000)]
-MAX_LORAS = 16  # per job
-ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
-
-
-class LoraRef(BaseModel):
-    """A LoRA of the farm's library (by its file's stem) and the weight to apply it at."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    name: ModelName = Field(description="A LoRA of SDFARM_LORA_DIR, by its file's stem.")
-    weight: float = Field(default=1.0, ge=-10.0, le=10.0, description="A1111's weight.")
-
-    @field_validator("weight", mode="before")
-    @classmethod
-    def _a_number(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError("weight must be a number, not a boolean")
-        if isinstance(value, int):
-            return float(value)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"weight must be a finite number, got {value}")
-        return value
 
 
 class JobSpec(BaseModel):
@@ -203,13 +171,7 @@ class JobSpec(BaseModel):
     )
     @classmethod
     def _finite(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, bool):
-            raise ValueError(f"{info.field_name} must be a number, not a boolean")
-        if isinstance(value, int):
-            return float(value)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{info.field_name} must be a finite number, got {value}")
-        return value
+        return finite_number(value, str(info.field_name))
 
     @field_validator("init_image")
     @classmethod
@@ -316,31 +278,3 @@ class JobSpec(BaseModel):
         if self.refiner_switch_at is None:
             return DEFAULT_REFINER_SWITCH_AT
         return self.refiner_switch_at
-
-
-_BATCH_RE = re.compile(r"^b[0-9a-f]{20}$")
-_JOB_RE = re.compile(r"^(b[0-9a-f]{20})-([0-9]{1,7})$")
-
-
-def new_batch_id() -> str:
-    return "b" + secrets.token_hex(10)
-
-
-def job_id_for(batch_id: str, index: int) -> str:
-    """Job ids embed their batch, so a transition finds the batch counters without a lookup."""
-    return f"{batch_id}-{index}"
-
-
-def is_batch_id(value: str) -> bool:
-    return bool(_BATCH_RE.match(value))
-
-
-def is_job_id(value: str) -> bool:
-    return bool(_JOB_RE.match(value))
-
-
-def batch_of(job_id: str) -> str:
-    match = _JOB_RE.match(job_id)
-    if not match:
-        raise InvalidJob(f"{job_id!r} is not a job id (expected b<20 hex>-<n>)")
-    return match.group(1)

@@ -20,6 +20,19 @@ __all__ = ["SAMPLER_LABELS", "encode_png", "infotext", "read_png_metadata"]
 SAMPLER_LABELS: dict[str, str] = {s.id: s.label for s in SAMPLERS}
 
 
+def _number(value: float) -> str:
+    """`7.5`, `1`: A1111's short form, unless it would lose digits (shared/infotext.py reads it)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
+def _prompt_line(spec: dict[str, Any]) -> str:
+    """The prompt as A1111 writes it: its `<lora:NAME:W>` tags kept in the text (sdfarm moved
+    them into `loras` at submit, so they go back at the end)."""
+    tags = [f"<lora:{lora['name']}:{_number(lora['weight'])}>" for lora in spec.get("loras") or []]
+    return " ".join([spec["prompt"], *tags])
+
+
 def infotext(
     spec: dict[str, Any],
     *,
@@ -27,31 +40,43 @@ def infotext(
     model_hash: str | None = None,
     refiner_hash: str | None = None,
     extra: Sequence[tuple[str, str]] = (),
+    vae_hash: str | None = None,
+    rng: str | None = "CPU",
 ) -> str:
-    """The A1111 `parameters` text: prompt, `Negative prompt:` line when set, then settings (with
-    a refiner, A1111's `Refiner: name [hash]` and `Refiner switch at`)."""
-    lines = [spec["prompt"]]
+    """The A1111 `parameters` text: prompt (with its LoRA tags), `Negative prompt:` line when
+    set, then settings in A1111's order, with `RNG: CPU` after the size (sdfarm draws every random
+    number on the CPU, which A1111 does not assume: its default is the GPU's; `rng=None` leaves it
+    out): `VAE hash`/`VAE` with a VAE override, `Clip skip` above 1, with a refiner A1111's
+    `Refiner: name [hash]` and `Refiner switch at`, then `extra`."""
+    lines = [_prompt_line(spec)]
     if spec.get("negative_prompt"):
         lines.append(f"Negative prompt: {spec['negative_prompt']}")
     settings = [
         f"Steps: {spec['steps']}",
         f"Sampler: {SAMPLER_LABELS.get(spec['scheduler'], spec['scheduler'])}",
-        f"CFG scale: {spec['guidance']:g}",
+        f"CFG scale: {_number(spec['guidance'])}",
         f"Seed: {spec['seed']}",
         f"Size: {spec['width']}x{spec['height']}",
     ]
+    if rng:
+        settings.append(f"RNG: {rng}")
     if model_hash:
         settings.append(f"Model hash: {model_hash}")
     settings.append(f"Model: {model_name}")
+    if spec.get("vae"):
+        settings += [f"VAE hash: {vae_hash}"] if vae_hash else []
+        settings.append(f"VAE: {spec['vae']}")
     if spec.get("init_image"):
         strength = spec.get("strength")
         strength = DEFAULT_STRENGTH if strength is None else strength
         settings.append(f"Denoising strength: {strength:g}")
+    if (spec.get("clip_skip") or 1) > 1:
+        settings.append(f"Clip skip: {spec['clip_skip']}")
     if spec.get("refiner"):
         hashed = f" [{refiner_hash}]" if refiner_hash else ""
         switch = spec.get("refiner_switch_at")
         switch = DEFAULT_REFINER_SWITCH_AT if switch is None else switch
-        settings += [f"Refiner: {spec['refiner']}{hashed}", f"Refiner switch at: {switch:g}"]
+        settings += [f"Refiner: {spec['refiner']}{hashed}", f"Refiner switch at: {_number(switch)}"]
     settings += [f"{key}: {value}" for key, value in extra]  # e.g. ("Lora hashes", '"a: 1f"')
     lines.append(", ".join(settings))
     return "\n".join(lines)
@@ -66,6 +91,8 @@ def encode_png(
     extra: dict[str, Any] | None = None,
     refiner_hash: str | None = None,
     extra_params: Sequence[tuple[str, str]] = (),
+    vae_hash: str | None = None,
+    rng: str | None = "CPU",
 ) -> bytes:
     """PNG bytes with the `parameters` chunk and an `sdfarm` JSON chunk holding the full spec;
     `extra_params` are more `Key: value` settings for `parameters` (`infotext`'s `extra`)."""
@@ -76,6 +103,8 @@ def encode_png(
         model_hash=model_hash,
         refiner_hash=refiner_hash,
         extra=extra_params,
+        vae_hash=vae_hash,
+        rng=rng,
     )
     info.add_text("parameters", text)
     record = {"spec": _without_image_data(spec), "model_hash": model_hash, **(extra or {})}

@@ -20,7 +20,8 @@ from producer.client import FarmClient
 from producer.dispatcher import Dispatcher
 from shared.celery_app import make_celery, model_queue
 from shared.config import Settings
-from shared.jobs import JobSpec, batch_of, new_batch_id
+from shared.ids import batch_of, new_batch_id
+from shared.jobs import JobSpec
 from shared.keys import Keys
 from shared.ledger import Ledger
 from shared.ledger.workers import live_workers, publish_heartbeat

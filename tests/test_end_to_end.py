@@ -54,7 +54,7 @@ def test_24_prompts_through_the_api_end_as_24_pngs_in_s3(
         assert lines[1] == "Negative prompt: blurry"
         assert re.fullmatch(
             rf"Steps: 8, Sampler: LMS, CFG scale: 7.5, Seed: {job['spec']['seed']}, Size: 64x64, "
-            r"Model hash: [0-9a-f]{10}, Model: tiny",
+            r"RNG: CPU, Model hash: [0-9a-f]{10}, Model: tiny",
             lines[2],
         ), lines[2]
         assert json.loads(meta["sdfarm"])["spec"]["prompt"] == prompt

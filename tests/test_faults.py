@@ -18,7 +18,8 @@ import redis
 import torch
 
 from shared.config import Settings
-from shared.jobs import JobSpec, new_batch_id
+from shared.ids import new_batch_id
+from shared.jobs import JobSpec
 from shared.ledger import Ledger
 from shared.storage import open_storage
 from tests.faults import infra, work

@@ -12,7 +12,8 @@ from producer.dispatcher import Dispatcher
 from shared.celery_app import make_celery
 from shared.config import Settings
 from shared.errors import IllegalTransition, UnknownId
-from shared.jobs import JobSpec, JobState, new_batch_id
+from shared.ids import new_batch_id
+from shared.jobs import JobSpec, JobState
 from shared.ledger import STATES, Ledger
 
 

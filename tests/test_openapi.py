@@ -11,7 +11,7 @@ from schemathesis import GenerationMode, checks
 from schemathesis.config import SchemathesisConfig
 from schemathesis.generation.case import Case
 
-from shared.jobs import new_batch_id
+from shared.ids import new_batch_id
 from tests.fixtures_api import API_KEY, Api
 
 MAX_EXAMPLES = 25  # per operation: about 20 operations, well under a minute in all

@@ -12,7 +12,8 @@ import redis
 
 from producer.services import S3Service
 from shared.config import Settings
-from shared.jobs import JobSpec, JobState, batch_of, new_batch_id
+from shared.ids import batch_of, new_batch_id
+from shared.jobs import JobSpec, JobState
 from shared.ledger import Ledger
 from shared.storage import S3Storage, Storage, image_key
 from worker.chunk import WorkerContext, process_chunk

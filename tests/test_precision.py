@@ -16,7 +16,8 @@ import redis
 import torch
 
 from shared.config import Settings
-from shared.jobs import JobSpec, JobState, new_batch_id
+from shared.ids import new_batch_id
+from shared.jobs import JobSpec, JobState
 from shared.ledger import Ledger
 from shared.metadata import read_png_metadata
 from shared.storage import open_storage

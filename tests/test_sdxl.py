@@ -26,7 +26,8 @@ from diffusers import (
 )
 
 from shared.config import Settings
-from shared.jobs import JobSpec, new_batch_id
+from shared.ids import new_batch_id
+from shared.jobs import JobSpec
 from shared.ledger import Ledger
 from shared.metadata import read_png_metadata
 from shared.storage import FileStorage

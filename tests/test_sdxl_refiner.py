@@ -31,7 +31,8 @@ from PIL import Image
 from producer.submit import validate_jobs
 from shared.config import Settings
 from shared.errors import InvalidJob
-from shared.jobs import JobSpec, new_batch_id
+from shared.ids import new_batch_id
+from shared.jobs import JobSpec
 from shared.ledger import Ledger
 from shared.metadata import read_png_metadata
 from shared.routing import compat_key, route_of

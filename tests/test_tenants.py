@@ -25,7 +25,8 @@ from producer.client import FarmClient
 from producer.tenants import Role, load_tenants
 from shared.config import Settings
 from shared.errors import ConfigError
-from shared.jobs import JobState, job_id_for, new_batch_id
+from shared.ids import job_id_for, new_batch_id
+from shared.jobs import JobState
 from shared.keys import Keys
 from shared.ledger.workers import publish_heartbeat
 from tests.fixtures_api import Api

@@ -18,7 +18,8 @@ import redis
 from producer.services import S3Service
 from shared.config import Settings
 from shared.errors import StorageError, StorageRefused
-from shared.jobs import JobSpec, JobState, new_batch_id
+from shared.ids import new_batch_id
+from shared.jobs import JobSpec, JobState
 from shared.ledger import Ledger
 from shared.storage import FileStorage, S3Storage
 from worker.chunk import process_chunk

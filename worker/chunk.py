@@ -18,16 +18,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from shared.errors import FailureReason, StorageError
+from shared.errors import FailureReason, InvalidJob, StorageError
 from shared.routing import route_models
 from worker.claim import claim_jobs
 from worker.context import ChunkOutcome, WorkerContext
+from worker.loras import LoraSet
 from worker.models import LoadedModel
 from worker.monitor import ChunkMonitor
 from worker.render import NotRendered, Rendered, render_rows
 from worker.report import Reporter
-from worker.rows import Unreadable, build_rows, pass_params
+from worker.rows import RowJob, Unreadable, build_rows, pass_params
 from worker.upload import store_rendered
+from worker.vaes import swap_vae
 
 __all__ = ["ChunkOutcome", "WorkerContext", "process_chunk"]
 
@@ -51,6 +53,8 @@ def process_chunk(ctx: WorkerContext, job_ids: Sequence[str], model_name: str) -
         return outcome
     model, refiner = models[0], (models[1] if len(models) > 1 else None)
     mismatch = _family_mismatch(model, refiner)
+    if mismatch is None:  # a chunk's jobs share their VAE: the compatibility key holds it
+        model, refiner, mismatch = swap_vae(ctx.vaes, claim.jobs[0].spec.vae, model, refiner)
     if mismatch is not None:  # the API could not read the folders to refuse it at submit
         for job in claim.jobs:
             outcome.add(job.job_id, reporter.fail_now(job.job_id, mismatch, INVALID))
@@ -65,8 +69,13 @@ def process_chunk(ctx: WorkerContext, job_ids: Sequence[str], model_name: str) -
             ready, unreadable = build_rows(claim.jobs, ctx.storage)
             for bad in unreadable:
                 outcome.add(bad.job.job_id, _unreadable(reporter, bad))
-            # 3. Render.
+            # 3. Render, with the chunk's LoRAs (all its jobs': the compatibility key holds them).
             params = pass_params(claim.jobs[0].spec)
+            lora_hashes = _activate_loras(
+                ctx, model, params.loras, ready, reporter=reporter, outcome=outcome
+            )
+            if lora_hashes is None:
+                ready = []
             results = (
                 render_rows(
                     model,
@@ -85,7 +94,7 @@ def process_chunk(ctx: WorkerContext, job_ids: Sequence[str], model_name: str) -
                 if isinstance(result, NotRendered):
                     outcome.add(result.job.job_id, _not_rendered(reporter, result))
             # 4. and 5. Store, then report.
-            _store(ctx, reporter, model, rendered, outcome, refiner=refiner)
+            _store(ctx, reporter, model, rendered, outcome, refiner=refiner, loras=lora_hashes)
     finally:
         ctx.state.current = []
     return outcome
@@ -104,6 +113,33 @@ def _family_mismatch(model: LoadedModel, refiner: LoadedModel | None) -> str | N
             f"a job with a refiner needs an sdxl base and an sdxl-refiner; {model.name} is "
             f"{model.family} and {refiner.name} is {refiner.family}"
         )
+    return None
+
+
+def _activate_loras(
+    ctx: WorkerContext,
+    model: LoadedModel,
+    loras: LoraSet,
+    ready: Sequence[RowJob],
+    *,
+    reporter: Reporter,
+    outcome: ChunkOutcome,
+) -> dict[str, str] | None:
+    """Make the chunk's LoRAs the model's active adapters (none: all off); their A1111 hashes by
+    name, or None when they cannot be loaded, its jobs then failed (a LoRA file that does not
+    fit) or handed back (its disk failed)."""
+    try:
+        if ctx.loras is None:
+            if loras:
+                raise InvalidJob("this worker has no LoRA library: set SDFARM_LORA_DIR")
+            return {}
+        return ctx.loras.activate(model, loras)
+    except StorageError as e:
+        for item in ready:
+            outcome.add(item.job.job_id, reporter.storage_failed(item.job.job_id, e, "its LoRA"))
+    except InvalidJob as e:
+        for item in ready:
+            outcome.add(item.job.job_id, reporter.fail_now(item.job.job_id, str(e), INVALID))
     return None
 
 
@@ -131,6 +167,7 @@ def _store(
     outcome: ChunkOutcome,
     *,
     refiner: LoadedModel | None,
+    loras: dict[str, str] | None = None,
 ) -> None:
     """Store the images now, or in the output pipeline while the next chunk renders."""
     if not rendered:
@@ -138,7 +175,13 @@ def _store(
 
     def store() -> list[tuple[str, str]]:
         return store_rendered(
-            reporter, ctx.storage, model, rendered, state=ctx.state, refiner=refiner
+            reporter,
+            ctx.storage,
+            model,
+            rendered,
+            state=ctx.state,
+            refiner=refiner,
+            lora_hashes=loras or {},
         )
 
     if ctx.output is None:

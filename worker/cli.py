@@ -78,6 +78,11 @@ def _model_parser() -> argparse.ArgumentParser:
         metavar="FILE.safetensors",
         help="also write it as one checkpoint in A1111's layout, its configs in FILE.config/",
     )
+    lora = sub.add_parser("make-tiny-lora", help="write a random LoRA for a tiny model")
+    lora.add_argument("model_dir", type=Path, help="a tiny model folder (make-tiny)")
+    lora.add_argument("out", type=Path, metavar="OUT.safetensors")
+    lora.add_argument("--layout", choices=("diffusers", "kohya"), default="kohya")
+    lora.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -92,7 +97,7 @@ def render_command(argv: Sequence[str]) -> int:
 
 
 def model_command(argv: Sequence[str]) -> int:
-    """Model tools (make-tiny)."""
+    """Model tools (make-tiny, make-tiny-lora)."""
     return main("model", argv)
 
 
@@ -159,6 +164,13 @@ def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _model(args: argparse.Namespace) -> int:
     from worker.tiny import make_tiny
+
+    if args.action == "make-tiny-lora":
+        from worker.tiny_lora import make_tiny_lora
+
+        out = make_tiny_lora(args.model_dir, args.out, layout=args.layout, seed=args.seed)
+        print(f"wrote a tiny {args.layout} LoRA to {out} ({out.stat().st_size / 1e3:.0f} kB)")
+        return 0
 
     path = make_tiny(args.dir, seed=args.seed, prediction_type=args.prediction_type, arch=args.arch)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from shared.config import Settings
 from shared.ledger import Ledger
 from shared.storage import Storage
+from worker.loras import LoraCache
 from worker.models import LoadedModel
 from worker.output import OutputPipeline
+from worker.vaes import LoadedVae
 
 __all__ = ["ChunkOutcome", "WorkerContext", "WorkerState"]
 
@@ -46,7 +48,12 @@ class WorkerContext:
     worker_id: str
     # Stores chunk k while chunk k+1 renders; None stores in line (tests, `sdfarm render`).
     output: OutputPipeline | None = None
+    # The VAEs of SDFARM_VAES, by name: a job's `vae` decodes in its model's VAE's place.
+    vaes: dict[str, LoadedVae] = field(default_factory=dict)
     state: WorkerState = field(default_factory=WorkerState)
+    # The LoRAs loaded into the models, with their counters (worker/loras.py); None: this
+    # worker has no LoRA library, and a chunk that names LoRAs fails.
+    loras: LoraCache | None = None
 
 
 @dataclass

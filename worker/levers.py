@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from shared.errors import InvalidJob
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     # Only for the type: bench/gpu.py imports this module where pydantic-settings may be absent.
     from shared.config import Settings
 
-__all__ = ["Levers", "apply_levers", "parse_sizes"]
+__all__ = ["Levers", "apply_levers", "apply_vae_levers", "parse_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +102,24 @@ def apply_levers(model: LoadedModel, levers: Levers) -> None:
         model.unet.set_attn_processor(AttnProcessor2_0())
     if cuda and levers.channels_last:
         model.unet.to(memory_format=torch.channels_last)
-        model.vae.to(memory_format=torch.channels_last)
-    if cuda:
-        model.vae.enable_slicing()
-    tile_px = levers.vae_tiling_above_px
-    model.vae.enable_tiling()
-    model.vae.tile_sample_min_size = tile_px
-    model.vae.tile_latent_min_size = tile_px // model.vae_scale_factor
+    apply_vae_levers(model.vae, levers, model.device, model.vae_scale_factor)
     if levers.compile_unet:
         model.unet.compile(backend=levers.compile_backend)
+
+
+def apply_vae_levers(
+    vae: AutoencoderKL, levers: Levers, device: torch.device, vae_scale_factor: int
+) -> None:
+    """The VAE's levers (a model's own, or a VAE override of worker/vaes.py): slicing on CUDA,
+    tiling above `vae_tiling_above_px`."""
+    if device.type == "cuda":
+        if levers.channels_last:
+            vae.to(memory_format=torch.channels_last)
+        vae.enable_slicing()
+    tile_px = levers.vae_tiling_above_px
+    vae.enable_tiling()
+    vae.tile_sample_min_size = tile_px
+    vae.tile_latent_min_size = tile_px // vae_scale_factor
 
 
 def _set_tf32(enabled: bool) -> None:

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -24,13 +25,17 @@ from shared.celery_app import make_celery, model_queue
 from shared.config import Settings
 from shared.errors import StorageError, StorageRefused, WorkerSetupError
 from shared.ledger import Ledger
+from shared.lora_library import LoraLibrary
 from shared.storage import Storage, open_storage
 from worker.context import WorkerContext
+from worker.embeddings import install_embeddings, read_embeddings
 from worker.levers import Levers, apply_levers
+from worker.loras import LoraCache
 from worker.models import LoadedModel, load_model
 from worker.output import OutputPipeline
 from worker.passes import warm_up
 from worker.tasks import register_tasks
+from worker.vaes import load_vaes
 
 __all__ = ["load_models", "run_worker"]
 
@@ -38,18 +43,25 @@ log = logging.getLogger(__name__)
 
 
 def load_models(
-    models: dict[str, str], device: str, levers: Levers | None = None
+    models: dict[str, str],
+    device: str,
+    levers: Levers | None = None,
+    embeddings_dir: Path | None = None,
 ) -> dict[str, LoadedModel]:
     """Load every model before taking work, so a bad path fails the start, not the first job.
 
-    Each model is loaded, gets its speed levers (worker/levers.py) and, when its U-Net is
-    compiled, renders every pass size once, so that no job waits for a compile.
+    Each model is loaded, gets the embeddings of `embeddings_dir` that fit it (worker/embeddings.py;
+    before the levers, which may compile its text encoder), its speed levers (worker/levers.py)
+    and, when its U-Net is compiled, renders every pass size once, so that no job waits for a
+    compile.
     """
     levers = levers or Levers()
+    embeddings = read_embeddings(embeddings_dir) if embeddings_dir is not None else []
     loaded = {}
     for name, path in models.items():
         log.info("loading model %s from %s on %s", name, path, device)
         model = load_model(name, path, device=device)
+        install_embeddings(model, embeddings)
         apply_levers(model, levers)
         if levers.compile_unet:
             warm_up(model, levers)
@@ -84,7 +96,10 @@ def run_worker(
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
     check_storage(storage, worker_id)  # before the models: a refusal costs seconds, not minutes
-    loaded = load_models(models, device, Levers.from_settings(settings))
+    loaded = load_models(
+        models, device, Levers.from_settings(settings), embeddings_dir=settings.embeddings_dir
+    )
+    vaes = load_vaes(settings.vaes, device, Levers.from_settings(settings))
     client = redis.Redis.from_url(settings.redis_url)
     ledger = Ledger(client, status_ttl_s=settings.status_ttl_s, lease_s=settings.lease_s)
     # Stores chunk k while chunk k+1 renders; closed (drained) below, before the process ends.
@@ -96,6 +111,11 @@ def run_worker(
         models=loaded,
         worker_id=worker_id,
         output=output,
+        vaes=vaes,
+        loras=LoraCache(
+            LoraLibrary(settings.lora_dir) if settings.lora_dir is not None else None,
+            settings.lora_cache_bytes,
+        ),
     )
     stop = threading.Event()
     try:
@@ -155,11 +175,14 @@ def _heartbeat(ctx: WorkerContext, device: str, stop: threading.Event) -> None:
         "models": routes(ctx.models),  # the dispatcher sends a route only where it is served
         "model_hashes": {name: m.model_hash for name, m in ctx.models.items()},
         "model_families": {name: m.family for name, m in ctx.models.items()},
+        "vaes": sorted(ctx.vaes),
     }
     interval = ctx.settings.worker_ttl_s / 3
     while True:
         try:
             state = {"current": ctx.state.current, "images_done": ctx.state.images_done}
+            if ctx.loras is not None:  # loads, hits and evictions, for /metrics
+                state |= ctx.loras.counts()
             ctx.ledger.workers.publish(ctx.worker_id, record | state, ctx.settings.worker_ttl_s)
         except redis.RedisError as e:
             log.warning("worker %s: heartbeat failed: %s", ctx.worker_id, e)

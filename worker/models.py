@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,11 @@ class LoadedModel:
     force_zeros_for_empty_prompt: bool = False
     # SDXL refiner: its `text_time` conditioning ends with an aesthetic score, not a target size.
     requires_aesthetics_score: bool = False
+    # Textual-inversion embeddings installed (worker/embeddings.py): name -> A1111 short hash.
+    embeddings: dict[str, str] = field(default_factory=dict)
+    # A job's VAE override in place of the model's own (worker/vaes.py `with_vae`): its hash,
+    # for the PNG's `VAE hash`; None while the model's own VAE is in place.
+    vae_hash: str | None = None
 
     @property
     def native_px(self) -> int:

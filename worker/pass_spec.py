@@ -19,6 +19,8 @@ class Row:
     guidance: float  # classifier-free guidance scale (A1111's "CFG scale")
     init_image: np.ndarray | None = None  # img2img: H x W x 3 uint8 at the pass's size
     long_prompt: str = "truncate"  # or "chunk": see worker/prompts.py
+    prompt_syntax: str = "a1111"  # or "plain": the text goes to CLIP as it is
+    clip_skip: int | None = None  # A1111's numbering: 1 (or None) is CLIP's last layer
     # SDXL's size conditioning, (height, width) and (top, left) as diffusers orders them; the
     # original size is the pass's size when None.
     original_size: tuple[int, int] | None = None
@@ -39,6 +41,9 @@ class PassParams:
     strength: float | None = None  # img2img when set: every row then has an init image
     # With a refiner: the share of the schedule the base denoises before it hands over, (0, 1).
     refiner_switch_at: float | None = None
+    # The base model's LoRAs, (name, weight) sorted by name, weight-0 ones left out, as in the
+    # compatibility key; worker/loras.py activates them before the pass.
+    loras: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass

@@ -1,15 +1,20 @@
-"""Prompts to CLIP states: 75 tokens at a time, cut with a warning or encoded in chunks.
+"""Prompts to CLIP states: A1111's syntax or plain text, 75 tokens at a time, cut or chunked.
 
-CLIP reads 77 positions: a start token, 75 prompt tokens and an end token (then padding). A longer
-prompt is never cut silently. With `long_prompt="truncate"` the words past the 75th token are
-dropped and named in a warning that reaches the job record; with `long_prompt="chunk"` the prompt
-is split into 75-token chunks, each wrapped in start and end tokens and encoded on its own, and
-the states are concatenated (A1111's behaviour), so the U-Net attends to all of it. A row's prompt
-and negative prompt always get the same number of chunks: the shorter is padded with empty
-chunks, as A1111 does, since the U-Net batch holds both.
+CLIP reads 77 positions: a start token, 75 prompt tokens and an end token (then padding). A
+row's text is read as its `prompt_syntax` says (worker/prompt_chunks.py): "a1111" (the default)
+reads A1111's emphasis, `(word:1.3)`, `[word]` and `BREAK` (worker/a1111_syntax.py) and chunks as
+A1111 does, at the last comma near a chunk's end; "plain" sends the text to CLIP as it is, cut
+every 75 tokens. A longer prompt is never cut silently. With `long_prompt="truncate"` only the
+first chunk is kept and the dropped words are named in a warning that reaches the job record;
+with `long_prompt="chunk"` each chunk is wrapped in start and end tokens and encoded on its own,
+and the states are concatenated (A1111's behaviour), so the U-Net attends to all of it. A row's
+prompt and negative prompt always get the same number of chunks: the shorter is padded with
+empty chunks, as A1111 does, since the U-Net batch holds both.
 
-Every 77-token sequence is encoded independently of the others, so a row's states do not depend
-on its batch-mates.
+The encoders (worker/text_encoders.py) take each row's `clip_skip` (A1111's numbering) and apply
+A1111's default emphasis to weighted chunks; a prompt without weights gets exactly the states it
+would as plain text. Every 77-token sequence is encoded independently of the others, so a row's
+states do not depend on its batch-mates.
 
 SDXL reads two encoders, as diffusers' `StableDiffusionXLPipeline.encode_prompt` does: each
 sequence goes through both, their penultimate hidden states are concatenated, and the second
@@ -26,17 +31,30 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 import torch
 
+from shared.errors import InvalidJob
+from worker.a1111_syntax import PromptSyntaxError
 from worker.models import LoadedModel
+from worker.prompt_chunks import CHUNK_TOKENS, Chunk, text_chunks
+from worker.text_encoders import encode_chunks
 
-__all__ = ["CHUNK_TOKENS", "EncodedRow", "encode_rows"]
+__all__ = ["CHUNK_TOKENS", "EncodedRow", "PromptRow", "encode_rows"]
 
 log = logging.getLogger(__name__)
 
-CHUNK_TOKENS = 75  # prompt tokens CLIP reads between its start and end tokens
+
+class PromptRow(NamedTuple):
+    """What a row's conditioning is encoded from; a (prompt, negative, long_prompt) tuple is one
+    with the defaults."""
+
+    prompt: str
+    negative: str
+    long_prompt: str = "truncate"  # or "chunk"
+    syntax: str = "a1111"  # or "plain"
+    clip_skip: int | None = None  # A1111's: 1 (or None) is the last layer
 
 
 @dataclass
@@ -51,49 +69,36 @@ class EncodedRow:
     pooled_uncond: torch.Tensor | None = None
 
 
-def _chunks(ids: list[int], mode: str) -> list[list[int]]:
-    if mode == "chunk":
-        return [ids[i : i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)] or [[]]
-    return [ids[:CHUNK_TOKENS]]
+def encode_rows(
+    model: LoadedModel,
+    prompts: Sequence[PromptRow | tuple[str, str, str] | tuple[str, str, str, str, int | None]],
+) -> list[EncodedRow]:
+    """CLIP states for each row's prompt and negative prompt, in row order.
 
-
-def _dropped(model: LoadedModel, what: str, ids: list[int]) -> str:
-    words = model.tokenizer.decode(ids[CHUNK_TOKENS:]).strip()
-    return (
-        f"{what} is {len(ids)} tokens; CLIP reads {CHUNK_TOKENS}, so these words were dropped: "
-        f"{words!r} (set long_prompt to 'chunk' to keep them)"
-    )
-
-
-def encode_rows(model: LoadedModel, prompts: Sequence[tuple[str, str, str]]) -> list[EncodedRow]:
-    """CLIP states for each (prompt, negative prompt, long_prompt mode), in row order."""
-    tokenizer = model.tokenizer
-    texts = [text for prompt, negative, _ in prompts for text in (prompt, negative)]
-    token_ids: list[list[int]] = tokenizer(texts, add_special_tokens=False).input_ids
-    sequences: list[list[int]] = []  # every chunk of every text, as the encoder's batch
+    Raises InvalidJob when a prompt cannot be read as A1111's syntax, or a clip skip is past
+    the text encoder's first layer.
+    """
+    rows = [PromptRow(*p) for p in prompts]
+    sequences: list[Chunk] = []  # every chunk of every text, as the encoders' batch
+    clip_skips: list[int] = []  # per sequence
     spans: list[tuple[int, int, int]] = []  # per row: first cond chunk, first uncond, count
     warnings: list[list[str]] = []
-    for row, (_, _, mode) in enumerate(prompts):
-        cond_ids, uncond_ids = token_ids[2 * row], token_ids[2 * row + 1]
-        row_warnings = [
-            _dropped(model, what, ids)
-            for what, ids in (("prompt", cond_ids), ("negative prompt", uncond_ids))
-            if mode != "chunk" and len(ids) > CHUNK_TOKENS
-        ]
+    for i, row in enumerate(rows):
+        cond, cond_warnings = _chunks(model, i, "prompt", row.prompt, row)
+        uncond, uncond_warnings = _chunks(model, i, "negative prompt", row.negative, row)
+        row_warnings = cond_warnings + uncond_warnings
         for warning in row_warnings:
-            log.info("row %d: %s", row, warning)  # the job record and the CLI show it
-        cond, uncond = _chunks(cond_ids, mode), _chunks(uncond_ids, mode)
+            log.info("row %d: %s", i, warning)  # the job record and the CLI show it
         count = max(len(cond), len(uncond))
-        cond += [[]] * (count - len(cond))
-        uncond += [[]] * (count - len(uncond))
+        cond += [Chunk() for _ in range(count - len(cond))]
+        uncond += [Chunk() for _ in range(count - len(uncond))]
         spans.append((len(sequences), len(sequences) + count, count))
         sequences += cond + uncond
+        clip_skips += [row.clip_skip or 1] * (2 * count)
         warnings.append(row_warnings)
-    states, pooled = _encode_sequences(model, sequences)
+    states, pooled = encode_chunks(model, sequences, clip_skips)
     out = []
-    for (first, second, count), row_warnings, (_, negative, _) in zip(
-        spans, warnings, prompts, strict=True
-    ):
+    for (first, second, count), row_warnings, row in zip(spans, warnings, rows, strict=True):
         encoded = EncodedRow(
             cond=states[first : first + count].reshape(1, -1, states.shape[-1]),
             uncond=states[second : second + count].reshape(1, -1, states.shape[-1]),
@@ -104,71 +109,17 @@ def encode_rows(model: LoadedModel, prompts: Sequence[tuple[str, str, str]]) -> 
                 pooled[first : first + 1],
                 pooled[second : second + 1],
             )
-            if model.force_zeros_for_empty_prompt and negative == "":
+            if model.force_zeros_for_empty_prompt and row.negative == "":
                 encoded.uncond = torch.zeros_like(encoded.cond)
                 encoded.pooled_uncond = torch.zeros_like(encoded.pooled_cond)
         out.append(encoded)
     return out
 
 
-def _encode_sequences(
-    model: LoadedModel, sequences: list[list[int]]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each chunk's states (start token, the chunk, end token, padding), and SDXL's pooled ones.
-
-    SD 1.x/2.x: CLIP's last hidden state. SDXL: both encoders' penultimate hidden states side by
-    side, and the second encoder's projection.
-    """
-    encoder = model.text_encoder
-    if model.text_encoder_2 is None or model.tokenizer_2 is None:
-        assert encoder is not None  # only an SDXL refiner lacks the first encoder
-        output = encoder(*_inputs(model, model.tokenizer, encoder, sequences))
-        return output[0].to(dtype=model.dtype), None
-    states = []
-    if encoder is not None:  # not for an SDXL refiner, which reads the second encoder alone
-        first = encoder(
-            *_inputs(model, model.tokenizer, encoder, sequences), output_hidden_states=True
-        )
-        states.append(first.hidden_states[-2])
-    second = model.text_encoder_2(
-        *_inputs(model, model.tokenizer_2, model.text_encoder_2, sequences),
-        output_hidden_states=True,
-    )
-    states.append(second.hidden_states[-2])
-    joined = torch.cat(states, dim=-1)
-    pooled = _projected(model.text_encoder_2, second.last_hidden_state, sequences)
-    return joined.to(dtype=model.dtype), pooled.to(dtype=model.dtype)
-
-
-def _projected(
-    encoder: Any, last_hidden_state: torch.Tensor, sequences: list[list[int]]
-) -> torch.Tensor:
-    """The second encoder's pooled embedding (its final state at each end token, projected),
-    one sequence at a time: a batched projection rounds differently from one of a single row, and
-    a row's conditioning must not depend on its batch-mates (nor differ from diffusers', which
-    projects each prompt alone)."""
-    ends = [len(chunk) + 1 for chunk in sequences]  # the start token, the chunk, then the end
-    return torch.cat(
-        [encoder.text_projection(last_hidden_state[i : i + 1, end]) for i, end in enumerate(ends)]
-    )
-
-
-def _inputs(
-    model: LoadedModel, tokenizer: Any, encoder: Any, sequences: list[list[int]]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The encoder's input ids for the chunks, padded to 77, and its attention mask if any."""
-    length = tokenizer.model_max_length
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = []
-    masks = []
-    for chunk in sequences:
-        ids = [tokenizer.bos_token_id, *chunk, tokenizer.eos_token_id]
-        rows.append(ids + [pad] * (length - len(ids)))
-        masks.append([1] * len(ids) + [0] * (length - len(ids)))
-    input_ids = torch.tensor(rows, dtype=torch.long, device=model.device)
-    # SD's U-Net was trained on CLIP states computed without an attention mask, padding included;
-    # as in diffusers, only a text encoder whose config asks for a mask gets one.
-    attention_mask = None
-    if getattr(encoder.config, "use_attention_mask", False):
-        attention_mask = torch.tensor(masks, dtype=torch.long, device=model.device)
-    return input_ids, attention_mask
+def _chunks(
+    model: LoadedModel, index: int, what: str, text: str, row: PromptRow
+) -> tuple[list[Chunk], list[str]]:
+    try:
+        return text_chunks(model.tokenizer, what, text, row.long_prompt, row.syntax)
+    except PromptSyntaxError as e:
+        raise InvalidJob(f"row {index}: the {what} {text!r}: {e}") from e

@@ -52,6 +52,20 @@ def render_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--refiner-switch-at", type=float, help="with --refiner: where it takes over, (0, 1) (0.8)"
     )
+    p.add_argument(
+        "--vae", help="a VAE (AutoencoderKL folder or LDM-layout single file) in the model's place"
+    )
+    p.add_argument(
+        "--lora-dir",
+        type=Path,
+        help="the LoRA library that <lora:NAME:W> tags name (default: SDFARM_LORA_DIR)",
+    )
+    p.add_argument(
+        "--embeddings-dir",
+        type=Path,
+        help="textual-inversion embeddings, used where the prompt names them "
+        "(default: SDFARM_EMBEDDINGS_DIR)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True)
     return p
@@ -72,6 +86,64 @@ def _refiner_fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
+def _with_vae(
+    args: argparse.Namespace, name: str | None, model: Any, refiner: Any
+) -> tuple[Any, Any]:
+    """The model (and refiner) with --vae in place of their VAE (worker/vaes.py), if given."""
+    from worker.vaes import load_vaes, swap_vae
+
+    if args.vae is None or name is None:
+        return model, refiner
+    vaes = load_vaes({name: args.vae}, args.device)
+    model, refiner, problem = swap_vae(vaes, name, model, refiner)
+    if problem is not None:
+        raise InvalidJob(f"--vae: {problem}")
+    return model, refiner
+
+
+def _activate_loras(
+    args: argparse.Namespace, model: Any, loras: tuple[tuple[str, float], ...]
+) -> list[tuple[str, str]]:
+    """The job's LoRAs active on `model`, from --lora-dir (or SDFARM_LORA_DIR); the PNG's
+    `Lora hashes` setting for them."""
+    if not loras:
+        return []
+    from shared.config import Settings
+    from shared.lora_library import LoraLibrary
+    from worker.loras import LoraCache, lora_params
+
+    root = args.lora_dir or Settings().lora_dir
+    if root is None:
+        raise InvalidJob("the prompt names LoRAs: pass --lora-dir DIR or set SDFARM_LORA_DIR")
+    library = LoraLibrary(root)
+    for name, _ in loras:
+        if library.get(name) is None:
+            raise InvalidJob(f"unknown LoRA {name!r}; {root} holds: {', '.join(library.names())}")
+    return lora_params(LoraCache(library, max_bytes=0).activate(model, loras))
+
+
+def _embeddings(args: argparse.Namespace) -> list[Any]:
+    """The embeddings of --embeddings-dir (or SDFARM_EMBEDDINGS_DIR); none when neither is set."""
+    from shared.config import Settings
+    from worker.embeddings import read_embeddings
+
+    root = args.embeddings_dir or Settings().embeddings_dir
+    return read_embeddings(root) if root is not None else []
+
+
+def _load(name: str, path: str, device: str, embeddings: list[Any]) -> Any:
+    """A model as a worker loads it: its embeddings installed, then a worker's default levers,
+    so that the image matches the farm's."""
+    from worker.embeddings import install_embeddings
+    from worker.levers import Levers, apply_levers
+    from worker.models import load_model
+
+    model = load_model(name, path, device=device)
+    install_embeddings(model, embeddings)
+    apply_levers(model, Levers())
+    return model
+
+
 def render(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -79,8 +151,7 @@ def render(args: argparse.Namespace) -> int:
     from shared.jobs import JobSpec
     from shared.metadata import encode_png
     from shared.problems import problems_from
-    from worker.levers import Levers, apply_levers
-    from worker.models import load_model
+    from worker.embeddings import ti_hashes_param, used_embeddings
     from worker.rows import pass_params, row_for
     from worker.sampler import render_pass
 
@@ -110,6 +181,7 @@ def render(args: argparse.Namespace) -> int:
             height=args.height or native,
             seed=args.seed,
             long_prompt=args.long_prompt,
+            vae=Path(args.vae).stem if args.vae is not None else None,
             **img2img,
             **refined,
         )
@@ -119,12 +191,13 @@ def render(args: argparse.Namespace) -> int:
         option = "--" + str(first["field"]).replace(".", "-").replace("_", "-")
         raise InvalidJob(f"{option}: {first['message']}", problems) from e
     row = row_for(spec)
-    model = load_model(spec.model or "model", args.model, device=args.device)
-    apply_levers(model, Levers())  # a worker's default levers, so the image matches the farm's
+    embeddings = _embeddings(args)
+    model = _load(spec.model or "model", args.model, args.device, embeddings)
     refiner = None
     if spec.refiner is not None:
-        refiner = load_model(spec.refiner, args.refiner, device=args.device)
-        apply_levers(refiner, Levers())
+        refiner = _load(spec.refiner, args.refiner, args.device, embeddings)
+    model, refiner = _with_vae(args, spec.vae, model, refiner)
+    lora_settings = _activate_loras(args, model, pass_params(spec).loras)
     result = render_pass(model, [row], pass_params(spec), refiner=refiner)
     for warning in result.warnings[0]:
         print(f"warning: {warning}", file=sys.stderr)
@@ -133,6 +206,7 @@ def render(args: argparse.Namespace) -> int:
         raise RenderFailed(f"no image: {result.errors[0]}")
     from PIL import Image
 
+    texts = (spec.prompt, spec.negative_prompt)
     data = encode_png(
         Image.fromarray(pixels),
         spec.model_dump(),
@@ -140,6 +214,8 @@ def render(args: argparse.Namespace) -> int:
         model_hash=model.model_hash,
         extra={"warnings": result.warnings[0]},
         refiner_hash=refiner.model_hash if refiner is not None else None,
+        vae_hash=model.vae_hash,
+        extra_params=[*lora_settings, *ti_hashes_param(used_embeddings(model, texts))],
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(data)

@@ -46,6 +46,7 @@ def pass_params(spec: JobSpec) -> PassParams:
         scheduler=spec.scheduler,
         strength=spec.denoising_strength if spec.init_image is not None else None,
         refiner_switch_at=spec.switch_at if spec.refiner is not None else None,
+        loras=tuple(sorted((lora.name, lora.weight) for lora in spec.loras if lora.weight)),
     )
 
 
@@ -68,6 +69,8 @@ def row_for(spec: JobSpec, storage: Storage | None = None) -> Row:
         guidance=spec.guidance,
         init_image=init_image,
         long_prompt=spec.long_prompt,
+        prompt_syntax=spec.prompt_syntax,
+        clip_skip=spec.clip_skip,
         original_size=_original_size(spec),
         crop_top_left=(spec.crop_top, spec.crop_left),
         aesthetic_score=_or(spec.aesthetic_score, DEFAULT_AESTHETIC_SCORE),

@@ -192,7 +192,9 @@ def render_pass(
     """
     check_pass(model, rows, params, refiner)
     timings: dict[str, float] = {}
-    texts = [(r.prompt, r.negative_prompt, r.long_prompt) for r in rows]
+    texts = [
+        (r.prompt, r.negative_prompt, r.long_prompt, r.prompt_syntax, r.clip_skip) for r in rows
+    ]
     with torch.inference_mode():
         # 1. Encode prompts (and again with the refiner's encoder, when there is one).
         with _timed(timings, "text_encoder", model.device):

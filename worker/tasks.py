@@ -9,7 +9,7 @@ from celery import Celery
 
 from shared.celery_app import RENDER_CHUNK
 from shared.errors import InvalidJob
-from shared.jobs import is_job_id
+from shared.ids import is_job_id
 from worker.chunk import process_chunk
 from worker.context import WorkerContext
 

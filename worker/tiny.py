@@ -30,7 +30,7 @@ from worker.tiny_sdxl import (
 )
 from worker.tokenizer import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH, write_tokenizer
 
-__all__ = ["ARCHES", "PREDICTION_TYPES", "make_tiny"]
+__all__ = ["ARCHES", "PREDICTION_TYPES", "make_tiny", "make_tiny_vae"]
 
 log = logging.getLogger(__name__)
 
@@ -182,3 +182,13 @@ def make_tiny(
     write_model_index(dir, index[arch]())
     log.info("wrote a tiny %s %s model (seed %d) to %s", arch, prediction_type, seed, dir)
     return dir
+
+
+def make_tiny_vae(dir: Path, *, seed: int = 1, scaling_factor: float = 0.18215) -> Path:
+    """Write the tiny models' VAE alone, an AutoencoderKL folder (`SDFARM_VAES`, worker/vaes.py),
+    with weights of its own `seed`: an override that decodes visibly unlike a model's own."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = _vae(scaling_factor)
+    vae.save_pretrained(Path(dir), safe_serialization=True)
+    return Path(dir)

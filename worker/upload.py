@@ -15,18 +15,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import redis
 from PIL import Image
 
 from shared.config import Settings
 from shared.errors import StorageError
-from shared.jobs import batch_of
+from shared.ids import batch_of
 from shared.ledger import Ledger
 from shared.metadata import encode_png
 from shared.storage import Storage, image_key
 from worker.context import WorkerState
+from worker.embeddings import ti_hashes_param, used_embeddings
+from worker.loras import lora_params
 from worker.models import LoadedModel
 from worker.render import Rendered
 from worker.report import Reporter
@@ -44,9 +46,12 @@ def store_rendered(
     *,
     state: WorkerState,
     refiner: LoadedModel | None = None,
+    lora_hashes: Mapping[str, str] | None = None,
 ) -> list[tuple[str, str]]:
-    """Store and report every rendered image; returns (job id, state afterwards) pairs."""
+    """Store and report every rendered image; returns (job id, state afterwards) pairs.
+    `lora_hashes` are the A1111 short hashes of the LoRAs the pass had active, by name."""
     refiner_hash = refiner.model_hash if refiner is not None else None
+    loras = dict(lora_hashes or {})
     ledger, settings, worker_id = reporter.ledger, reporter.settings, reporter.worker_id
     keep_alive = [item.job.job_id for item in rendered]
     out = []
@@ -54,6 +59,8 @@ def store_rendered(
         job_id = item.job.job_id
         # 1. Encode.
         key = image_key(storage.prefix, batch_of(job_id), job_id)
+        spec = item.job.spec
+        used = used_embeddings(model, (spec.prompt, spec.negative_prompt))  # for `TI hashes`
         data = encode_png(
             Image.fromarray(item.pixels),
             item.job.spec.model_dump(),
@@ -61,6 +68,8 @@ def store_rendered(
             model_hash=model.model_hash,
             extra={"job_id": job_id, "warnings": item.warnings},
             refiner_hash=refiner_hash,
+            vae_hash=model.vae_hash,  # set when the job's VAE override is in place
+            extra_params=[*lora_params(loras), *ti_hashes_param(used)],
         )
         # 2. Upload.
         try:
@@ -72,11 +81,18 @@ def store_rendered(
             continue
         # 3. Report.
         fields = {
-            "result": {"key": key, "uri": storage.describe(key), "bytes": len(data)},
+            "result": {
+                "key": key,
+                "uri": storage.describe(key),
+                "bytes": len(data),
+                # The LoRAs active in its pass, with their short hashes: the job's own set.
+                **({"loras": loras} if loras else {}),
+            },
             "timings": {**item.timings, "batch_rows": item.pass_rows},
             "model_hash": model.model_hash or "",
             "model_family": model.family,
             **({"refiner_hash": refiner_hash} if refiner_hash else {}),
+            **({"ti_hashes": used} if used else {}),  # the embeddings its prompts named
             "finished_at": time.time(),
             "warnings": item.warnings,  # dropped prompt words, an fp32 VAE retry: shown by API, CLI
         }

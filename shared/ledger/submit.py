@@ -15,7 +15,8 @@ from typing import Any
 import redis
 from redis.client import Pipeline
 
-from shared.jobs import JobSpec, JobState, job_id_for
+from shared.ids import job_id_for
+from shared.jobs import JobSpec, JobState
 from shared.keys import Keys
 from shared.ledger.pending import parse_priority, queue_pending
 from shared.ledger.records import DEFAULT_TENANT, STATES

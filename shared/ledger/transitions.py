@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from redis.commands.core import Script
 
 from shared.errors import FailureReason, IllegalTransition
-from shared.jobs import JobState, batch_of
+from shared.ids import batch_of
+from shared.jobs import JobState
 from shared.keys import Keys
 from shared.keys import text as _s
 from shared.ledger.outcomes import Outcomes
