@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 from fastapi import Depends, FastAPI, Request
@@ -28,7 +28,7 @@ from producer.metrics import render_metrics
 from producer.schemas import Health, errors
 from producer.tenants import load_tenants
 from shared.config import Settings
-from shared.errors import InvalidJob, RateLimited, SdfarmError, UnknownId
+from shared.errors import BatchTooLarge, InvalidJob, LedgerFull, RateLimited, SdfarmError, UnknownId
 from shared.problems import problems_from, summary
 
 __all__ = ["create_app"]
@@ -78,9 +78,9 @@ def create_app(
     static = {name: (dashboard / name).read_bytes() for name in _STATIC}
 
     @app.get("/", response_class=HTMLResponse, tags=["dashboard"])
-    def index() -> HTMLResponse:
+    def index(f: FarmDep) -> HTMLResponse:
         """The dashboard: batches, a gallery of finished images, failures, workers."""
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers=_dashboard_headers(f))
 
     @app.get(
         "/dashboard/{name}",
@@ -88,11 +88,11 @@ def create_app(
         tags=["dashboard"],
         responses={200: {"content": {"text/javascript": {}, "text/css": {}}}, **errors(404)},
     )
-    def dashboard_file(name: str) -> Response:
+    def dashboard_file(name: str, f: FarmDep) -> Response:
         """The dashboard's script and style sheet."""
         if name not in static:
             raise ApiError(404, f"no dashboard file {name[:40]!r}")
-        return Response(static[name], media_type=_STATIC[name])
+        return Response(static[name], media_type=_STATIC[name], headers=_dashboard_headers(f))
 
     @app.get("/healthz", response_model=Health)
     def healthz(f: FarmDep) -> Health:
@@ -117,6 +117,26 @@ def create_app(
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _dashboard_headers(farm: Farm) -> dict[str, str]:
+    """The dashboard's own script, style and API only; images also from the store's presigned
+    URLs (their origin, read off a URL presigned here) and `blob:` (file:// storage); never in a
+    frame (clickjacking a cancel button), never content-sniffed."""
+    if farm.dashboard_csp is None:
+        probe = farm.storage.url("dashboard-csp-probe", 60)  # presigning is local, no request
+        origin = urlsplit(probe) if probe else None
+        images = f" {origin.scheme}://{origin.netloc}" if origin and origin.netloc else ""
+        farm.dashboard_csp = (
+            "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+            f"img-src 'self' blob:{images}; object-src 'none'; base-uri 'none'; "
+            "form-action 'self'; frame-ancestors 'none'"
+        )
+    return {
+        "Content-Security-Policy": farm.dashboard_csp,
+        "X-Frame-Options": "DENY",
+        "X-Content-Type-Options": "nosniff",
+    }
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -168,7 +188,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidJob)
     async def invalid(request: Request, exc: InvalidJob) -> JSONResponse:
-        return JSONResponse({"error": str(exc), "problems": exc.details}, status_code=422)
+        status = 413 if isinstance(exc, BatchTooLarge) else 422  # 413: over the ledger's budget
+        return JSONResponse({"error": str(exc), "problems": exc.details}, status_code=status)
 
     @app.exception_handler(UnknownId)
     async def unknown(request: Request, exc: UnknownId) -> JSONResponse:
@@ -178,6 +199,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after_s)}
         return JSONResponse({"error": str(exc)}, status_code=429, headers=headers)
+
+    @app.exception_handler(LedgerFull)
+    async def ledger_full(request: Request, exc: LedgerFull) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=507)  # nothing of the batch written
 
     @app.exception_handler(SdfarmError)
     async def other(request: Request, exc: SdfarmError) -> JSONResponse:

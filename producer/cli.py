@@ -20,6 +20,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from producer.commands import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, HANDLERS
+from producer.terminal import printable
 from shared.config import Settings, parse_models
 from shared.errors import AccessDenied, FarmUnreachable, InvalidJob, SdfarmError, UnknownId
 
@@ -233,9 +234,9 @@ def _run_plugin(entry: EntryPoint, rest: list[str]) -> int:
 
 
 def _error(message: str, more: Sequence[str] = ()) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {printable(message)}", file=sys.stderr)  # messages echo what was sent
     for line in more:
-        print(f"       {line}", file=sys.stderr)
+        print(f"       {printable(line)}", file=sys.stderr)
 
 
 # -- server commands ------------------------------------------------------------------------------
@@ -255,15 +256,14 @@ def _dispatcher(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    import redis
-
     from producer.dispatcher import Dispatcher
     from shared.celery_app import make_celery
     from shared.ledger import Ledger
+    from shared.redis_client import connect
 
     settings = Settings()
     ledger = Ledger(
-        redis.Redis.from_url(settings.redis_url),
+        connect(settings),
         status_ttl_s=settings.status_ttl_s,
         lease_s=settings.lease_s,
     )

@@ -19,6 +19,7 @@ from shared.errors import (
     AccessDenied,
     FarmUnreachable,
     InvalidJob,
+    LedgerFull,
     RateLimited,
     SdfarmError,
     UnknownId,
@@ -227,6 +228,8 @@ def _raise_for(response: httpx.Response) -> None:
     if status == 429:
         retry_after = response.headers.get("retry-after", "")
         raise RateLimited(message, int(retry_after) if retry_after.isdigit() else 60)
+    if status == 507:
+        raise LedgerFull(message)
     if status >= 500:
         raise FarmUnreachable(f"the farm answered {status}: {message}")
     raise SdfarmError(f"the farm answered {status}: {message}")

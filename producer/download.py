@@ -4,7 +4,8 @@ A file already on disk is skipped when it is intact: its size is the one the job
 SHA-256 matches when the job recorded one, and it is a whole PNG (every chunk's CRC checks out
 up to IEND), so a download cut short or a flipped byte is fetched again. Files are written to a
 `.part` name and renamed, so an interrupted fetch never leaves a half image under the real name.
-The batch's manifest is saved beside the images.
+The batch's manifest is saved beside the images. A job id is checked before it names a file:
+the server's answer is not trusted to stay inside the output folder (`../x` is refused).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from shared.errors import SdfarmError
+from shared.ids import batch_of, is_batch_id, is_job_id
 
 if TYPE_CHECKING:
     from producer.client import FarmClient
@@ -74,6 +78,17 @@ def _png_chunks_ok(data: bytes) -> bool:
     return False
 
 
+def _checked_job_id(job_id: object, batch_id: str) -> str:
+    """The id itself, if it is a job id of `batch_id`: only then may it name a file."""
+    if not isinstance(job_id, str) or not is_job_id(job_id) or batch_of(job_id) != batch_id:
+        shown = repr(job_id)[:60]
+        raise SdfarmError(
+            f"the farm listed {shown} as a job of batch {batch_id}, which is not one of its job "
+            "ids; nothing was written for it (is SDFARM_API_URL the farm you meant?)"
+        )
+    return job_id
+
+
 def fetch_batch(
     client: FarmClient,
     batch_id: str,
@@ -81,16 +96,22 @@ def fetch_batch(
     *,
     on_file: Callable[[Path, bool], None] | None = None,
 ) -> FetchReport:
-    """Download every succeeded image of the batch into `out_dir`, skipping intact files."""
+    """Download every succeeded image of the batch into `out_dir`, skipping intact files.
+
+    Raises SdfarmError, before anything is written for it, for a job id that is not one of the
+    batch's (a malformed or hostile answer).
+    """
+    if not is_batch_id(batch_id):
+        raise SdfarmError(f"{batch_id[:40]!r} is not a batch id (b followed by 20 hex digits)")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = FetchReport()
     for job in client.jobs(batch_id, state="succeeded"):
         result: dict[str, Any] = job.get("result") or {}
-        path = out_dir / f"{job['job_id']}.png"
+        path = out_dir / f"{_checked_job_id(job.get('job_id'), batch_id)}.png"
         if png_intact(path, result.get("bytes"), result.get("sha256")):
             report.skipped.append(path)
         else:
-            data = client.image(job["job_id"])
+            data = client.image(path.stem)
             part = path.with_name(path.name + ".part")
             part.write_bytes(data)
             part.replace(path)

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Annotated
 
-import redis
+from anyio import CapacityLimiter
 from fastapi import Depends, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
@@ -27,7 +27,8 @@ from shared.celery_app import make_celery
 from shared.config import Settings
 from shared.families import model_facts
 from shared.ledger import Ledger
-from shared.lora_library import LoraLibrary
+from shared.lora_s3 import open_lora_library
+from shared.redis_client import connect
 from shared.storage import Storage, open_storage
 
 __all__ = [
@@ -61,7 +62,7 @@ class Farm:
         self.settings = settings
         # Who may call, as which tenant (parsed once; create_app parses before it serves).
         self.tenants = tenants if tenants is not None else load_tenants(settings)
-        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.redis = connect(settings)
         self.ledger = Ledger(
             self.redis, status_ttl_s=settings.status_ttl_s, lease_s=settings.lease_s
         )
@@ -76,14 +77,23 @@ class Farm:
         facts = model_facts(settings.models)
         self.native_sizes = {name: f.native_px for name, f in facts.items()}
         self.model_families = {name: f.family for name, f in facts.items()}
-        # The LoRA library, listed now and again at a submit after its folder changed.
-        self.loras = LoraLibrary(settings.lora_dir) if settings.lora_dir is not None else None
+        # The LoRA library, listed now and again at a submit after its folder changed (an S3
+        # library: after lora_list_interval_s).
+        self.loras = open_lora_library(
+            settings.lora_dir,
+            endpoint_url=settings.s3_endpoint_url,
+            list_interval_s=settings.lora_list_interval_s,
+        )
         if self.loras is not None:
             self.loras.refresh()
         self.dispatcher = Dispatcher(settings, self.ledger, self.celery)
         self.queue = QueueView(self.ledger, settings)
         self.finisher = Finisher(self.ledger, self.storage, settings)
         self.webhooks = WebhookSender(self.ledger, settings)
+        # Submissions validate and write in these threads, never in the pool of the other
+        # routes (anyio's default 40), which a burst of big submits would otherwise fill.
+        self.ingest_limiter = CapacityLimiter(settings.ingest_threads)
+        self.dashboard_csp: str | None = None  # built at the first page view (producer.api)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 

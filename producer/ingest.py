@@ -2,12 +2,15 @@
 optional `Idempotency-Key`.
 
 An NDJSON body (`Content-Type: application/x-ndjson`, one job object a line) is parsed line by
-line as it arrives and handed, a network chunk at a time, to the same validation as a JSON body
-(`producer.submit`) running in a worker thread; so a 100,000-job body is never held whole, and
-a limit is refused as soon as it is crossed: 413 past `max_body_bytes`, 422 past
-`max_jobs_per_batch` or `max_prompt_chars`, each naming the setting. The caller's tenant limits
-(`producer.quotas`) apply to both bodies: 422 past its `max_jobs_per_batch` or `max_priority`,
-429 with `Retry-After` past its `submits_per_minute`.
+line as it arrives, on the event loop (`producer.body`): a client that stalls mid-body holds no
+thread while it waits, and is cut off with a 408 after `body_idle_timeout_s`. Size and count
+limits are refused as soon as they are crossed: 413 past `max_body_bytes`, 422 past
+`max_jobs_per_batch`, each naming the setting. Once the body is in, its jobs go to the same
+validation as a JSON body (`producer.submit`, 422 past `max_prompt_chars` and the rest) in one
+of ingestion's own threads (`ingest_threads`), apart from the pool the status routes use. So
+nothing of a body that never ends is written, and a burst of submits never starves `/healthz`.
+The caller's tenant limits (`producer.quotas`) apply to both bodies: 422 past its
+`max_jobs_per_batch` or `max_priority`, 429 with `Retry-After` past its `submits_per_minute`.
 """
 
 from __future__ import annotations
@@ -17,15 +20,16 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from anyio import from_thread, to_thread
+from anyio import to_thread
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from producer.body import Body, ndjson_batches, too_large
 from producer.farm import ApiError, Farm
 from producer.quotas import Quota
 from producer.schemas import Submitted
@@ -35,7 +39,7 @@ from shared.errors import InvalidJob
 from shared.ids import job_id_for
 from shared.jobs import DEFAULT_PRIORITY
 from shared.ledger import DEFAULT_TENANT
-from shared.problems import problems_from, summary
+from shared.problems import lone_surrogate, problems_from, summary
 
 __all__ = ["JSON", "NDJSON", "Options", "accept"]
 
@@ -45,79 +49,6 @@ JSON = "application/json"
 NDJSON = "application/x-ndjson"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as in the IETF draft
 _PENDING_TTL_S = 600  # an idempotency key whose submission died mid-way is freed after this
-
-
-class _Body:
-    """Counts and hashes the body as it streams in; refuses it past the size limit (413)."""
-
-    def __init__(self, request: Request, limit: int) -> None:
-        self.request = request
-        self.limit = limit
-        self.size = 0
-        self.sha256 = hashlib.sha256()
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self.request.stream():
-            self.size += len(chunk)
-            if self.size > self.limit:
-                raise _too_large(self.limit)
-            self.sha256.update(chunk)
-            yield chunk
-
-    async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(
-        413, f"the request body is larger than {limit} bytes (setting max_body_bytes); split it"
-    )
-
-
-async def _ndjson_jobs(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[dict[str, Any]]]:
-    """Job objects, one list per network chunk; line N of the body is job N-1."""
-    rest, line_no = b"", 0
-    async for chunk in chunks:
-        *lines, rest = (rest + chunk).split(b"\n")
-        jobs = []
-        for line in lines:
-            line_no += 1
-            jobs.append(_parse_line(line, line_no))
-        yield jobs
-    if rest.strip():
-        yield [_parse_line(rest, line_no + 1)]
-
-
-def _parse_line(line: bytes, line_no: int) -> dict[str, Any]:
-    if not line.strip():
-        raise InvalidJob(
-            f"line {line_no} is empty; an NDJSON body holds one job object a line",
-            [{"line": line_no, "field": None, "message": "empty line"}],
-        )
-    try:
-        job = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-        raise InvalidJob(
-            f"line {line_no}: not valid JSON ({reason})",
-            [{"line": line_no, "field": None, "message": reason}],
-        ) from e
-    if not isinstance(job, dict):
-        raise InvalidJob(
-            f"line {line_no}: each line must be a JSON object, got {type(job).__name__}",
-            [{"line": line_no, "field": None, "message": "not an object"}],
-        )
-    return job
-
-
-def _pull(batches: AsyncIterator[list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
-    """Bridge the async body to the synchronous validation, a network chunk per hop."""
-
-    async def next_batch() -> list[dict[str, Any]] | None:
-        return await anext(batches, None)
-
-    while (batch := from_thread.run(next_batch)) is not None:
-        yield from batch
 
 
 @dataclass(frozen=True)
@@ -140,8 +71,8 @@ async def accept(request: Request, farm: Farm, options: Options) -> JSONResponse
         raise ApiError(415, f"send {JSON} or {NDJSON}, not {media[:60]!r}")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
-        raise _too_large(limit)
-    body = _Body(request, limit)
+        raise too_large(limit)
+    body = Body(request, farm.settings)
     idem = None
     if options.idempotency_key is not None:
         idem = _Idempotency(farm, options.scope, options.idempotency_key)
@@ -164,14 +95,14 @@ async def accept(request: Request, farm: Farm, options: Options) -> JSONResponse
     return JSONResponse(out.model_dump(), status_code=201)
 
 
-async def _submit_ndjson(farm: Farm, body: _Body, options: Options) -> Accepted:
+async def _submit_ndjson(farm: Farm, body: Body, options: Options) -> Accepted:
     _check_callback(farm, options.callback_url)
     priority = DEFAULT_PRIORITY if options.priority is None else options.priority
     if options.quota is not None:
         options.quota.check_priority(priority)
     meta = _meta(priority, options.callback_url)
-    jobs = _pull(_ndjson_jobs(body.chunks()))
     try:
+        jobs = await _read_ndjson(farm, body, options.quota)
         return await _submit_in_thread(farm, jobs, meta, options)
     except InvalidJob as e:
         for problem in e.details:  # name the line too: job N is line N+1
@@ -180,7 +111,25 @@ async def _submit_ndjson(farm: Farm, body: _Body, options: Options) -> Accepted:
         raise
 
 
-async def _submit_json(farm: Farm, body: _Body, options: Options) -> Accepted:
+async def _read_ndjson(farm: Farm, body: Body, quota: Quota | None) -> list[dict[str, Any]]:
+    """Every job of the body, refused as soon as there are too many (the checks
+    `producer.submit` makes again, here before the rest of the body is read)."""
+    farm_max = farm.settings.max_jobs_per_batch
+    tenant_max = quota.max_jobs(farm_max) if quota is not None else None
+    jobs: list[dict[str, Any]] = []
+    async for batch in ndjson_batches(body.chunks()):
+        jobs += batch
+        if len(jobs) > farm_max:
+            raise InvalidJob(
+                f"a batch may hold at most {farm_max} jobs (setting max_jobs_per_batch)",
+                [{"job": farm_max, "field": "jobs", "message": "too many jobs"}],
+            )
+        if quota is not None and tenant_max is not None and len(jobs) > tenant_max:
+            raise quota.too_many_jobs(tenant_max, None)
+    return jobs
+
+
+async def _submit_json(farm: Farm, body: Body, options: Options) -> Accepted:
     if options.priority is not None or options.callback_url is not None:
         raise InvalidJob("with a JSON body, put `priority` and `callback_url` in the body")
     create = _parse_json(await body.read())
@@ -195,7 +144,8 @@ async def _submit_json(farm: Farm, body: _Body, options: Options) -> Accepted:
 async def _submit_in_thread(
     farm: Farm, jobs: Iterable[Any], meta: dict[str, str], options: Options
 ) -> Accepted:
-    """`submit_batch` off the event loop: validating and writing 100,000 jobs takes seconds."""
+    """`submit_batch` off the event loop (validating and writing 100,000 jobs takes seconds), in
+    ingestion's own threads: however many submits wait, the status routes' pool stays free."""
     submit = functools.partial(
         submit_batch,
         farm.ledger,
@@ -208,7 +158,7 @@ async def _submit_in_thread(
         tenant=options.tenant,
         quota=options.quota,
     )
-    return await to_thread.run_sync(submit)
+    return await to_thread.run_sync(submit, limiter=farm.ingest_limiter)
 
 
 def _parse_json(raw: bytes) -> BatchCreate:
@@ -216,7 +166,18 @@ def _parse_json(raw: bytes) -> BatchCreate:
         return BatchCreate.model_validate_json(raw)
     except ValidationError as e:
         problems = problems_from(e.errors(include_url=False))
+        if e.errors()[0]["type"] == "json_invalid" and (found := _lone_surrogate(raw)):
+            problems = [found]  # Pydantic's parser names no field for it: say which one
         raise InvalidJob(summary(problems), problems) from e
+
+
+def _lone_surrogate(raw: bytes) -> dict[str, Any] | None:
+    """The field of a body whose only fault is a lone surrogate (`"\\ud800"`), which Python's
+    own parser reads and Pydantic's refuses."""
+    try:
+        return lone_surrogate(json.loads(raw))
+    except (ValueError, RecursionError):  # not JSON for Python either: Pydantic's error stands
+        return None
 
 
 def _check_callback(farm: Farm, url: str | None) -> None:
@@ -228,7 +189,8 @@ def _check_callback(farm: Farm, url: str | None) -> None:
             "`callback_url`",
             [{"field": "callback_url", "message": "no webhook secret configured"}],
         )
-    check_callback_url(url)  # a JSON body's was checked with it; a query's is checked here
+    # the syntax (a JSON body's was checked with it), and an IP-literal host against the rule
+    check_callback_url(url, farm.settings.webhook_allow_networks)
 
 
 def _meta(priority: int, callback_url: str | None) -> dict[str, str]:
@@ -238,7 +200,7 @@ def _meta(priority: int, callback_url: str | None) -> dict[str, str]:
     return meta
 
 
-async def _replay(key: str, earlier: dict[str, str], body: _Body) -> JSONResponse:
+async def _replay(key: str, earlier: dict[str, str], body: Body) -> JSONResponse:
     """A repeated Idempotency-Key: the first batch if the body is the same, else a refusal."""
     async for _ in body.chunks():  # hash it; the body's jobs are not looked at again
         pass

@@ -36,9 +36,11 @@ import redis
 from producer.processes import ManagedProcess, free_port
 from producer.redis_server import RedisService, redis_service
 from producer.seaweedfs import S3Service, seaweedfs_service
+from shared.config import Settings
 from shared.errors import ServiceStartError
 from shared.keys import Keys
 from shared.ledger.workers import live_workers
+from shared.redis_client import connect
 
 __all__ = ["LocalFarm", "make_tiny_model"]
 
@@ -135,7 +137,7 @@ class LocalFarm:
         self.redis = redis_service(self.state_dir / "redis")
         self._started.append(self.redis.process)
         self.redis.start()
-        self._ledger_redis = redis.Redis.from_url(self.redis.url)
+        self._ledger_redis = connect(Settings(redis_url=self.redis.url))
         if self.storage == "s3":
             self.s3 = seaweedfs_service(
                 self.state_dir / "s3",
@@ -238,6 +240,8 @@ class LocalFarm:
             "SDFARM_API_KEYS": self.api_key,
             "SDFARM_WEBHOOK_SECRET": self.webhook_secret,
         }
+        # A local farm binds to 127.0.0.1; its webhook receivers are usually there too.
+        env.setdefault("SDFARM_WEBHOOK_ALLOW_NETWORKS", "127.0.0.0/8,::1/128")
         if self.s3 is not None:
             env |= {
                 "SDFARM_STORAGE_URL": f"s3://{self.s3.bucket}/images",

@@ -16,6 +16,9 @@ any API replica answers the same and a restarted API loses nothing:
     sdfarm_worker_lora_loads{worker}         LoRA files loaded into a model, since start (gauge)
     sdfarm_worker_lora_hits{worker}          LoRAs a pass needed that were loaded already (gauge)
     sdfarm_worker_lora_evictions{worker}     LoRAs unloaded to stay within lora_cache_bytes (gauge)
+    sdfarm_worker_lora_downloads{worker}     LoRA files downloaded from an S3 library (gauge)
+    sdfarm_worker_lora_download_evictions{worker}  downloaded files deleted to stay within
+                                             lora_disk_cache_bytes (gauge)
     sdfarm_model_workers{model}              live workers that hold the model (gauge)
     sdfarm_model_images_per_second{model}    those workers' images/s, last minute (gauge)
     sdfarm_model_drain_seconds{model}        time to render what waits at that rate; +Inf when
@@ -202,6 +205,8 @@ class FarmCollector:
                 ("lora_loads", "files loaded into a model"),
                 ("lora_hits", "uses that found it loaded"),
                 ("lora_evictions", "unloads to stay within lora_cache_bytes"),
+                ("lora_downloads", "files downloaded from an S3 library"),
+                ("lora_download_evictions", "files deleted to stay within lora_disk_cache_bytes"),
             )
         }
         for worker in workers:

@@ -66,7 +66,7 @@ _SUBMIT_BODY: dict[str, Any] = {
     summary="Submit a batch (JSON, or NDJSON streamed up to max_jobs_per_batch jobs)",
     responses={
         200: {"model": Submitted, "description": "A replay: the Idempotency-Key's first batch."},
-        **errors(409, 413, 415, 422, 429),
+        **errors(409, 413, 415, 422, 429, 507),
     },
     openapi_extra={"requestBody": _SUBMIT_BODY},
 )

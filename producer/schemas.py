@@ -249,9 +249,11 @@ _ERROR_TEXT = {
     401: "Missing or wrong API key (`Authorization: Bearer KEY`).",
     404: "No such batch or job (never existed, its record expired, or another tenant's).",
     409: "The job is not in a state where this is possible.",
-    413: "The request body is over `max_body_bytes`.",
+    413: "The request body is over `max_body_bytes`, or the batch alone is over the job "
+    "ledger's budget (`ledger_max_bytes`, or Redis's maxmemory less `ledger_headroom`).",
     415: "A body that is neither JSON nor NDJSON.",
     422: "Invalid input; `problems` lists each field, value and allowed range.",
     429: "Over the tenant's `submits_per_minute`; `Retry-After` says when to try again.",
     503: "The job ledger (Redis) or the object store is unavailable; try again.",
+    507: "The job ledger's budget has no room for the batch now; nothing of it was written.",
 }

@@ -236,14 +236,22 @@ def submit_batch(
     quota: Quota | None = None,
     loras: LoraLibrary | None = None,
 ) -> Accepted:
-    """Validate, then record every job as `queued`; nothing is written if any job is refused.
+    """Validate, then record every job as `queued`; nothing is written if any job is refused,
+    or if the batch would take the ledger past its budget (`ledger_max_bytes`).
     The batch belongs to `tenant` (the caller's); its `quota` (None: no tenant limits) is
     applied here, and its submit rate counted only once every job has passed."""
     specs = validate_jobs(job_dicts, settings, native_sizes, families, quota=quota, loras=loras)
     _check_init_image_keys(specs, settings)
+    batch_id = new_batch_id()
+    plan = ledger.plan_batch(batch_id, specs, meta)
+    ledger.budget.check(
+        plan.estimate_bytes,
+        len(specs),
+        max_bytes=settings.ledger_max_bytes,
+        headroom=settings.ledger_headroom,
+    )  # BatchTooLarge or LedgerFull: nothing is written that cannot be afforded
     if quota is not None:
         quota.check_rate(ledger, take=True)  # after validation: a refused batch costs nothing
-    batch_id = new_batch_id()
-    job_ids = ledger.create_batch(batch_id, specs, meta=meta, tenant=tenant)
+    job_ids = ledger.create_batch(batch_id, specs, meta=meta, tenant=tenant, plan=plan)
     log.info("batch %s: %d jobs queued for tenant %s", batch_id, len(job_ids), tenant)
     return Accepted(batch_id=batch_id, job_ids=job_ids)

@@ -14,6 +14,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
+
+from producer.terminal import printable
 
 __all__ = [
     "batch_table",
@@ -35,7 +38,7 @@ _err = Console(stderr=True)
 def _render(renderable: Any) -> str:
     buffer = io.StringIO()
     Console(file=buffer, width=120).print(renderable)
-    return buffer.getvalue().rstrip("\n")
+    return printable(buffer.getvalue().rstrip("\n"))
 
 
 def duration(seconds: float | None) -> str:
@@ -102,7 +105,7 @@ def job_text(job: dict[str, Any]) -> str:
     if job.get("error"):
         lines.append(f"  error: {job['error']}")
     lines += [f"  warning: {warning}" for warning in job.get("warnings") or []]
-    return "\n".join(lines)
+    return printable("\n".join(lines))  # a prompt or an error may hold terminal escapes
 
 
 def workers_table(workers: list[dict[str, Any]]) -> str:
@@ -173,9 +176,10 @@ def print_results(client: Any, batch_id: str, status: dict[str, Any]) -> None:
             table.add_row("…", "", "", f"{more} more: `sdfarm manifest {batch_id}`", "")
             break
         where = (job.get("result") or {}).get("uri") or job.get("error") or ""
-        table.add_row(
-            job["job_id"], job["state"], str(job["spec"]["seed"]), job["spec"]["prompt"][:40], where
-        )
+        prompt = job["spec"]["prompt"][:40]
+        # Text, not str: a prompt's `[bold]` is not rich markup, and its escapes are dropped.
+        cells = (job["job_id"], job["state"], str(job["spec"]["seed"]), prompt, where)
+        table.add_row(*(Text(printable(cell)) for cell in cells))
     Console().print(table)
 
 

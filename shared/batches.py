@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -15,6 +16,7 @@ from pydantic import (
     ValidationError,
 )
 
+from shared.callback_urls import IPNetwork, host_address, parse_callback_url, redact, refusal
 from shared.errors import InvalidJob
 from shared.infotext import job_from_infotext
 from shared.jobs import DEFAULT_PRIORITY, MAX_PRIORITY
@@ -22,23 +24,48 @@ from shared.jobs import DEFAULT_PRIORITY, MAX_PRIORITY
 __all__ = ["MAX_CALLBACK_URL_CHARS", "BatchCreate", "CallbackUrl", "check_callback_url"]
 
 MAX_CALLBACK_URL_CHARS = 2000
+
+
+def _parsed(url: str) -> str:
+    parse_callback_url(url)  # its ValueError says what to fix; pydantic makes it a 422
+    return url
+
+
 # A batch's callback URL: the one rule, for a JSON body's field and an NDJSON submission's query.
+# Parsed by shared.callback_urls: http(s), a host, no user-info.
 CallbackUrl = Annotated[
-    str, StringConstraints(max_length=MAX_CALLBACK_URL_CHARS, pattern=r"^https?://[^\s]+$")
+    str, StringConstraints(max_length=MAX_CALLBACK_URL_CHARS), AfterValidator(_parsed)
 ]
 _CALLBACK_URL: TypeAdapter[str] = TypeAdapter(CallbackUrl)
 
 
-def check_callback_url(url: str) -> str:
-    """`url` if it is a `CallbackUrl`; else InvalidJob saying what one looks like."""
+def check_callback_url(url: str, allow_networks: Sequence[IPNetwork] = ()) -> str:
+    """`url` if it is a `CallbackUrl` the farm may post to; else InvalidJob saying why.
+
+    A host written as an IP address is checked against the farm's rule here (`refusal`); a name
+    is resolved and checked when the webhook is sent, against the address it then resolves to.
+    """
     try:
-        return _CALLBACK_URL.validate_python(url)
+        url = _CALLBACK_URL.validate_python(url)
     except ValidationError as e:
+        reason = e.errors()[0]["msg"].removeprefix("Value error, ")
         raise InvalidJob(
             f"`callback_url` must be an http(s) URL of at most {MAX_CALLBACK_URL_CHARS} "
-            f"characters, got {url[:80]!r}",
-            [{"field": "callback_url", "message": "not an http(s) URL"}],
+            f"characters with a host and no user-info: {reason}",
+            [{"field": "callback_url", "message": reason}],
         ) from e
+    host = parse_callback_url(url).host
+    address = host_address(host)
+    if host == "localhost" or host.endswith(".localhost"):
+        address = host_address("127.0.0.1")
+    why = refusal(address, allow_networks) if address is not None else None
+    if why is not None:
+        raise InvalidJob(
+            f"`callback_url` {redact(url)} points at a {why} address; the farm posts webhooks "
+            "only to public addresses unless SDFARM_WEBHOOK_ALLOW_NETWORKS holds the network",
+            [{"field": "callback_url", "message": f"a {why} address is not allowed"}],
+        )
+    return url
 
 
 class BatchCreate(BaseModel):

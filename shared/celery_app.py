@@ -56,6 +56,11 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         # every 10 s: one cheap ZRANGE per worker.
         "unacked_restore_interval": max(1, min(10, visibility // 3)),
         "unacked_restore_throttle": 1,
+        # The broker's connections time out as the ledger's do (shared/redis_client.py); kombu
+        # blocks 1 s per BRPOP, well inside the socket timeout.
+        "socket_timeout": settings.redis_socket_timeout_s,
+        "socket_connect_timeout": settings.redis_connect_timeout_s,
+        "health_check_interval": settings.redis_health_check_interval_s,
     }
 
 

@@ -8,6 +8,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.callback_urls import IPNetwork, parse_networks
+
 __all__ = ["Settings", "parse_models"]
 
 
@@ -74,6 +76,14 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(default=50, ge=0, le=60_000)
     # Job and batch records expire this long after their last write.
     status_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    # Bytes of Redis the job ledger may fill: a batch that would take it past them is refused
+    # before anything is written (413 when the batch alone is bigger, 507 while other work fills
+    # the room). 0: Redis's `maxmemory` less `ledger_headroom` (no limit when that is 0 too);
+    # when both are set, the smaller wins.
+    ledger_max_bytes: int = Field(default=0, ge=0)
+    # Share of Redis's `maxmemory` kept free of new batches, for what follows a submit (results,
+    # leases, the broker's messages) and for what the estimate cannot see.
+    ledger_headroom: float = Field(default=0.1, ge=0, lt=1)
     # A running job's lease; the worker renews it while it renders.
     lease_s: float = Field(default=60.0, gt=0)
     # A chunk sent to a queue but not started within this time is sent again.
@@ -99,12 +109,22 @@ class Settings(BaseSettings):
     # TEST HOOK (fault suite only, 0 = off): passes of more rows than this raise
     # torch.cuda.OutOfMemoryError mid-loop, as a GPU that is too small would.
     simulate_oom_above_batch: int = Field(default=0, ge=0)
-    # The LoRA library: a folder of `.safetensors` LoRAs, each named by its file's stem
-    # (shared/lora_library.py); unset: jobs may not name LoRAs. The API and every worker read it.
-    lora_dir: Path | None = None
+    # The LoRA library: a folder of `.safetensors` LoRAs, or `s3://bucket/prefix` (read with the
+    # S3 settings above), each named by its file's stem (shared/lora_library.py, lora_s3.py);
+    # unset: jobs may not name LoRAs. The API and every worker read it.
+    lora_dir: Path | str | None = None
     # Bytes of LoRA files a worker keeps loaded as adapters of its models; the least recently
     # used are unloaded beyond it (a LoRA set in use stays, even if it alone is bigger).
     lora_cache_bytes: int = Field(default=2 * 1024**3, ge=0)
+    # An S3 library is listed again when its listing is older than this (a name it lacks lists
+    # it at once), so an upload is usable without a restart.
+    lora_list_interval_s: float = Field(default=30.0, ge=0)
+    # Where a worker keeps the LoRAs it downloaded from an S3 library (worker/lora_downloads.py);
+    # unset: `sdfarm-loras` in the system's temp folder.
+    lora_disk_cache_dir: Path | None = None
+    # Bytes of downloaded LoRA files a worker keeps on disk, least recently used deleted first
+    # beyond it; apart from lora_cache_bytes, since files cost disk and adapters memory.
+    lora_disk_cache_bytes: int = Field(default=20 * 1024**3, ge=0)
     # Textual-inversion embeddings (A1111 `.pt`/`.safetensors`, diffusers' `learned_embeds`), each
     # named by its file's stem and used where a prompt names it (worker/embeddings.py); every
     # worker installs those that fit each model at start. A local folder; unset: none.
@@ -137,6 +157,24 @@ class Settings(BaseSettings):
     max_jobs_per_batch: int = Field(default=100_000, ge=1)
     # Largest accepted request body (JSON or NDJSON); 100,000 jobs with long prompts fit.
     max_body_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
+    # A request body that sends nothing for this long is cut off (408, connection closed): a
+    # stalled upload must not hold anything of the API's for ever.
+    body_idle_timeout_s: float = Field(default=30.0, gt=0)
+    # The longest a whole request body may take to arrive (408 past it); a body that drips a
+    # byte now and then stays under the idle timeout, not under this one.
+    body_timeout_s: float = Field(default=600.0, gt=0)
+    # Threads that validate and write submissions, apart from the pool the other routes use,
+    # so a burst of big submits never leaves `/healthz` or status routes waiting for a thread.
+    ingest_threads: int = Field(default=4, ge=1, le=64)
+    # Redis clients (API, dispatcher, worker, CLI; shared/redis_client.py): a command whose
+    # answer takes longer than this fails instead of hanging. It must exceed the longest block
+    # the farm asks of Redis (the finisher's 0.5 s BLMOVE, the dispatcher's 0.25 s BLPOP).
+    redis_socket_timeout_s: float = Field(default=30.0, ge=2)
+    # Connecting to Redis fails after this long (an unreachable host, a dropped SYN).
+    redis_connect_timeout_s: float = Field(default=5.0, gt=0)
+    # A connection idle this long is PINGed before it is used again, so one that a proxy or a
+    # failover dropped silently is replaced instead of failing the next command; 0: never.
+    redis_health_check_interval_s: int = Field(default=30, ge=0)
     # Server side: HMAC-SHA256 key that signs webhook bodies; callbacks are refused without one.
     webhook_secret: str | None = None
     # Webhook deliveries tried before giving up (the first try included).
@@ -144,8 +182,15 @@ class Settings(BaseSettings):
     # Wait before the first webhook retry; it doubles after each failure up to the cap below.
     webhook_backoff_s: float = Field(default=2.0, gt=0)
     webhook_backoff_max_s: float = Field(default=600.0, gt=0)
-    # One webhook POST may take this long before it counts as failed.
+    # One webhook attempt, whole (resolving the host, connecting, sending, the answer's status),
+    # may take this long before it counts as failed: a deadline, not a per-read timeout, so a
+    # receiver that trickles bytes cannot hold a delivery longer.
     webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # Webhook deliveries in flight at once per API process, so a slow receiver holds only its own.
+    webhook_concurrency: int = Field(default=8, ge=1, le=256)
+    # Networks webhooks may be posted to although they are not public (`127.0.0.0/8,10.0.0.0/8`):
+    # loopback, link-local, private, multicast and metadata addresses are refused otherwise.
+    webhook_allow_networks: Annotated[list[IPNetwork], NoDecode] = Field(default_factory=list)
     # ETAs use the images finished in this recent window (per model).
     throughput_window_s: float = Field(default=300.0, ge=10)
 
@@ -161,20 +206,33 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @field_validator("tenants_file", "lora_dir", "embeddings_dir", mode="before")
+    @field_validator("webhook_allow_networks", mode="before")
+    @classmethod
+    def _parse_networks(cls, value: object) -> object:
+        return parse_networks(value) if isinstance(value, str) else value
+
+    @field_validator(
+        "tenants_file", "lora_dir", "lora_disk_cache_dir", "embeddings_dir", mode="before"
+    )
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("lora_dir", mode="before")
+    @field_validator("lora_dir", mode="after")
     @classmethod
-    def _lora_dir_is_a_folder(cls, value: object) -> object:
-        if isinstance(value, str) and "://" in value:
+    def _lora_dir_is_a_folder_or_s3(cls, value: Path | str | None) -> Path | str | None:
+        """A folder stays a Path; `s3://bucket/prefix` a string (a Path would fold its `//`)."""
+        if not isinstance(value, str):
+            return value
+        if value.startswith("s3://"):
+            if not value.removeprefix("s3://").partition("/")[0]:
+                raise ValueError(f"lora_dir {value!r} names no bucket: use s3://bucket/prefix")
+            return value
+        if "://" in value:
             raise ValueError(
-                f"lora_dir must be a folder; {value!r} is a URL, and s3:// LoRA libraries are "
-                "not read yet: sync the prefix to a folder the API and the workers share"
+                f"lora_dir must be a folder or s3://bucket/prefix; {value!r} is another URL"
             )
-        return value
+        return Path(value)
 
     @field_validator("embeddings_dir", mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 
     SdfarmError
     ├── InvalidJob            (permanent)  a job spec or request that breaks a rule
+    │   └── BatchTooLarge                  a batch bigger than the job ledger's whole budget
     ├── UnknownId             (permanent)  a batch or job id the ledger does not hold
     ├── AccessDenied          (permanent)  the API refused the client's key (missing or wrong)
     ├── ConfigError           (permanent)  settings that cannot work (keys, the tenants file)
@@ -12,6 +13,7 @@
     ├── RenderCancelled       (permanent)  the job was cancelled while it rendered
     ├── RenderFailed          (permanent)  the sampling loop failed for this job
     ├── RateLimited           (retryable)  a tenant over its submits_per_minute; retry after
+    ├── LedgerFull            (retryable)  the ledger's budget has no room for the batch now
     ├── StorageError          (retryable)  the object store failed or timed out
     │   └── StorageRefused                 it answered and refused: credentials, permissions, bucket
     ├── WorkerStopping        (retryable)  the worker is shutting down; its work is handed back
@@ -29,11 +31,13 @@ from typing import Any
 
 __all__ = [
     "AccessDenied",
+    "BatchTooLarge",
     "ConfigError",
     "FailureReason",
     "FarmUnreachable",
     "IllegalTransition",
     "InvalidJob",
+    "LedgerFull",
     "ModelLoadError",
     "RateLimited",
     "RenderCancelled",
@@ -75,6 +79,11 @@ class InvalidJob(SdfarmError):
     def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
         self.details = details or []
+
+
+class BatchTooLarge(InvalidJob):
+    """A batch that alone would take the job ledger past its budget (HTTP 413); the message
+    names the size, the budget and how many such jobs fit."""
 
 
 class UnknownId(SdfarmError):
@@ -122,6 +131,13 @@ class RateLimited(SdfarmError):
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class LedgerFull(SdfarmError):
+    """The job ledger's budget (or Redis's memory) has no room for the batch now (HTTP 507);
+    nothing of it was written. Room comes back as older records expire."""
+
+    retryable = True
 
 
 class StorageError(SdfarmError):

@@ -15,7 +15,8 @@ The library is listed again when the folder's modification time changes (a file 
 or renamed), so a LoRA copied in later is usable without a restart; a file's header is read
 again only when its size or modification time changes. A file overwritten in place keeps the
 folder's time: `refresh(force=True)` reads it again. Only the folder itself is listed, not its
-subfolders. `s3://bucket/prefix` libraries are not read yet (Settings refuses them).
+subfolders. An `s3://bucket/prefix` library is shared/lora_s3.py's `S3LoraLibrary`, which lists
+the prefix instead (same names, same families, from each object's header).
 
 `lora_short_hash` is the hash A1111 writes into `Lora hashes`: the first 12 hex digits of the
 "addnet" hash, the SHA-256 of the file's bytes after its header (so editing the metadata does not
@@ -35,7 +36,7 @@ from typing import Any
 
 from shared.checkpoint_keys import safetensors_header
 
-__all__ = ["LoraFile", "LoraLibrary", "lora_family", "lora_short_hash"]
+__all__ = ["LoraFile", "LoraLibrary", "lora_family", "lora_from_header", "lora_short_hash"]
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,13 @@ class LoraFile:
     """One LoRA of the library, as its header describes it."""
 
     name: str  # the file's stem, as jobs name it
-    path: Path
+    path: Path  # the file; for an S3 library's LoRA its key (the worker downloads it: `url`)
     family: str | None  # "sd1", "sd2", "sdxl"; None when the header does not tell
     layout: str  # "kohya" (lora_unet_/lora_te_ keys) or "diffusers" (unet./text_encoder. keys)
     size_bytes: int
-    mtime_ns: int
+    mtime_ns: int  # 0 for an object of an S3 library
+    url: str | None = None  # `s3://bucket/key` for an object of an S3 library; None: a file
+    etag: str | None = None  # an S3 object's ETag, which changes with its bytes; None: a file
 
 
 def lora_family(header: dict[str, Any]) -> str | None:
@@ -87,16 +90,31 @@ def _layout(keys: list[str]) -> str | None:
     return None
 
 
+def lora_from_header(
+    name: str,
+    path: Path,
+    header: dict[str, Any],
+    size_bytes: int,
+    mtime_ns: int = 0,
+    *,
+    url: str | None = None,
+    etag: str | None = None,
+) -> LoraFile | None:
+    """The library entry told by a header; None when it is not a LoRA sdfarm can load."""
+    layout = _layout([key for key in header if key != "__metadata__"])
+    if layout is None:
+        return None
+    family = lora_family(header)
+    return LoraFile(name, path, family, layout, size_bytes, mtime_ns, url=url, etag=etag)
+
+
 def read_lora_file(path: Path) -> LoraFile | None:
     """The library entry of the file at `path`; None when it is not a LoRA sdfarm can load."""
     header = safetensors_header(path)
     if header is None:
         return None
-    layout = _layout([key for key in header if key != "__metadata__"])
-    if layout is None:
-        return None
     stat = path.stat()
-    return LoraFile(path.stem, path, lora_family(header), layout, stat.st_size, stat.st_mtime_ns)
+    return lora_from_header(path.stem, path, header, stat.st_size, stat.st_mtime_ns)
 
 
 def lora_short_hash(path: Path) -> str:
@@ -120,18 +138,27 @@ class LoraLibrary:
         self._listed_mtime_ns: int | None = None
         self._lock = threading.Lock()  # the API validates batches in several threads
 
+    @property
+    def location(self) -> str:
+        """Where the library is, for messages."""
+        return str(self.root)
+
     def get(self, name: str) -> LoraFile | None:
         """The LoRA called `name`, looked up after listing the folder again if it changed."""
         self.refresh()
         found = self._files.get(name)
-        if found is None and (self.root / f"{name}{SUFFIX}").is_file():
-            # Copied in while the folder was listed, or overwritten in place: neither changes
-            # the folder's time once the file exists, so a miss reads the file itself.
-            found = read_lora_file(self.root / f"{name}{SUFFIX}")
+        if found is None:
+            found = self._read_missing(name)
             if found is not None:
                 with self._lock:
                     self._files[name] = found
         return found
+
+    def _read_missing(self, name: str) -> LoraFile | None:
+        # Copied in while the folder was listed, or overwritten in place: neither changes the
+        # folder's time once the file exists, so a miss reads the file itself.
+        path = self.root / f"{name}{SUFFIX}"
+        return read_lora_file(path) if path.is_file() else None
 
     def names(self) -> list[str]:
         self.refresh()

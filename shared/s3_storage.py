@@ -7,12 +7,14 @@ can turn around (a wrong key, a missing bucket) becomes StorageRefused, the rest
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from shared.errors import StorageError, StorageRefused
 from shared.object_keys import probe_key
 
-__all__ = ["S3Storage", "is_missing"]
+__all__ = ["S3Object", "S3Storage", "is_missing"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,16 @@ REFUSALS = frozenset(
 )
 # S3 error codes that mean there is no such object (a HEAD says "404", a GET "NoSuchKey").
 MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
+@dataclass(frozen=True)
+class S3Object:
+    """One object of a listing: its key, size and ETag (quotes stripped; it changes with the
+    object's bytes)."""
+
+    key: str
+    size_bytes: int
+    etag: str
 
 
 def _error_code(error: BaseException) -> str | None:
@@ -138,6 +150,58 @@ class S3Storage:
                 return False
             raise _s3_error(f"could not check {address}", e) from e
         return True
+
+    def list_folder(self, prefix: str) -> list[S3Object]:
+        """The objects directly under `prefix` (a "folder": `prefix/` then no further `/`)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        folder = f"{prefix.rstrip('/')}/" if prefix else ""
+        found: list[S3Object] = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=folder, Delimiter="/"
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    etag = str(item.get("ETag", "")).strip('"')
+                    found.append(S3Object(item["Key"], int(item["Size"]), etag))
+        except (BotoCoreError, ClientError) as e:
+            raise _s3_error(f"could not list s3://{self.bucket}/{folder}", e) from e
+        return found
+
+    def get_range(self, key: str, start: int, length: int) -> bytes | None:
+        """`length` bytes of the object from `start` (fewer at its end); None when there is no
+        such object."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        span = f"bytes={start}-{start + length - 1}"
+        try:
+            body: bytes = self.client.get_object(Bucket=self.bucket, Key=key, Range=span)[
+                "Body"
+            ].read()
+        except (BotoCoreError, ClientError) as e:
+            if is_missing(e):
+                return None
+            raise _s3_error(f"could not read s3://{self.bucket}/{key} ({span})", e) from e
+        return body
+
+    def download(self, key: str, path: Path) -> str | None:
+        """Write the object to `path` (the caller renames it into place); its ETag, or None when
+        there is no such object."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=key)
+            with path.open("wb") as f:
+                for chunk in answer["Body"].iter_chunks(chunk_size=1024 * 1024):
+                    f.write(chunk)
+        except (BotoCoreError, ClientError) as e:
+            if is_missing(e):
+                return None
+            raise _s3_error(f"could not read s3://{self.bucket}/{key}", e) from e
+        except OSError as e:  # the local disk: another try (or another worker) may do
+            raise StorageError(f"could not write s3://{self.bucket}/{key} to {path}: {e}") from e
+        return str(answer.get("ETag", "")).strip('"')
 
     def url(self, key: str, expires_s: int) -> str | None:
         url: str = self.presigner.generate_presigned_url(

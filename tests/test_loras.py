@@ -330,8 +330,3 @@ def test_loras_are_refused_on_a_farm_without_a_library(tiny_model_dir: Path) -> 
     settings = Settings(models={"tiny": str(tiny_model_dir)})
     with pytest.raises(InvalidJob, match="this farm has no LoRA library: set SDFARM_LORA_DIR"):
         validate_jobs([{"prompt": "a fox <lora:a:1>"}], settings)
-
-
-def test_lora_dir_refuses_an_s3_url_it_cannot_read_yet() -> None:
-    with pytest.raises(ValueError, match="s3:// LoRA libraries are not read yet"):
-        Settings(lora_dir="s3://bucket/loras")  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ import redis
 from shared.config import Settings
 from shared.keys import Keys
 from shared.ledger.claims import gpu_claim
+from shared.redis_client import connect
 from worker.gpus import gpu_uuids
 
 __all__ = ["GpuClaims", "claim_gpus"]
@@ -93,7 +94,7 @@ def claim_gpus(settings: Settings, count: int, env: Mapping[str, str]) -> tuple[
     """`--gpus claim:N`: wait for N free GPUs of this machine; return them as `--gpus` ids."""
     candidates = gpu_uuids(env)
     owner = f"{socket.gethostname()}-{os.getpid()}"
-    claims = GpuClaims(redis.Redis.from_url(settings.redis_url), Keys(), owner)
+    claims = GpuClaims(connect(settings), Keys(), owner)
     # SIGTERM while waiting ends the process the default way: nothing runs yet, claims expire.
     held = claims.wait_for(candidates, count, threading.Event())
     return ",".join(held), claims

@@ -1,5 +1,7 @@
 """LoRAs as adapters of a worker's models: loaded once, kept while there is room, set per pass.
 
+0. Fetch: a LoRA of an S3 library is downloaded to the worker's disk first (worker/
+   lora_downloads.py); one whose object changed since it was loaded (a new ETag) loads again.
 1. Load (`LoraCache.activate`, for each LoRA of the pass not loaded yet): diffusers' own loaders
    read the file and convert kohya/A1111 keys (`lora_state_dict`), then inject a named PEFT
    adapter into the U-Net and the text encoder(s) (`load_lora_into_unet`,
@@ -15,7 +17,7 @@
 
 With `--compile`, changing the active set changes the adapters' scales, which dynamo guards on;
 README.md ("LoRAs") has the measured cost and why sdfarm accepts it rather than hotswapping.
-Counters (loads, hits, evictions) go into the worker's heartbeat, and from there to /metrics.
+Counters (loads, hits, evictions; downloads) go into the worker's heartbeat, then to /metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +44,7 @@ from diffusers.utils.peft_utils import delete_adapter_layers
 
 from shared.errors import InvalidJob, StorageError
 from shared.lora_library import LoraFile, LoraLibrary, lora_short_hash
+from worker.lora_downloads import LoraDownloads
 from worker.models import LoadedModel
 
 __all__ = ["LoraCache", "LoraSet", "lora_params"]
@@ -56,14 +60,21 @@ class _Loaded:
     adapter: str  # the PEFT adapter's name in the model's modules
     size_bytes: int
     short_hash: str  # A1111's, for `Lora hashes` in the PNG's parameters
+    etag: str | None  # of the S3 object it was loaded from; None: a folder's file
 
 
 class LoraCache:
     """The LoRAs loaded into a worker's models, least recently used first."""
 
-    def __init__(self, library: LoraLibrary | None, max_bytes: int) -> None:
+    def __init__(
+        self,
+        library: LoraLibrary | None,
+        max_bytes: int,
+        downloads: LoraDownloads | None = None,
+    ) -> None:
         self.library = library
         self.max_bytes = max_bytes
+        self.downloads = downloads  # an S3 library's files on this disk
         self._loaded: OrderedDict[tuple[str, str], _Loaded] = OrderedDict()  # (model, LoRA)
         self.loads = 0  # LoRA files loaded into a model
         self.hits = 0  # LoRAs a pass needed that were loaded already
@@ -71,7 +82,12 @@ class LoraCache:
 
     def counts(self) -> dict[str, int]:
         """The counters, for the worker's heartbeat."""
-        return {"lora_loads": self.loads, "lora_hits": self.hits, "lora_evictions": self.evictions}
+        counts = {
+            "lora_loads": self.loads,
+            "lora_hits": self.hits,
+            "lora_evictions": self.evictions,
+        }
+        return counts | (self.downloads.counts() if self.downloads is not None else {})
 
     def loaded(self, model: LoadedModel) -> list[str]:
         """The LoRAs loaded into `model`, least recently used first."""
@@ -85,14 +101,19 @@ class LoraCache:
         wanted = [(name, weight) for name, weight in loras if weight != 0]
         names = {name for name, _ in wanted}
         for name, _ in wanted:
-            key = (model.name, name)
-            if key in self._loaded:
+            key, found = (model.name, name), self._find(name)
+            held = self._loaded.get(key)
+            if held is not None and held.etag == found.etag:
                 self.hits += 1
                 self._loaded.move_to_end(key)
                 continue
-            found = self._find(name)
+            if held is not None:  # its S3 object changed since: the new bytes replace it
+                log.info("LoRA %s changed in the library; loading it again", name)
+                _delete(held.model, held.adapter)
+                del self._loaded[key]
+            path, etag = self._fetch(found)
             self._make_room(model, found.size_bytes, keep=names)
-            self._loaded[key] = self._load(model, found)
+            self._loaded[key] = self._load(model, found, path, etag)
             self.loads += 1
         adapters = [(self._loaded[(model.name, name)].adapter, weight) for name, weight in wanted]
         for module in _lora_modules(model):
@@ -104,8 +125,21 @@ class LoraCache:
             raise InvalidJob(f"LoRA {name!r}: this worker has no LoRA library (SDFARM_LORA_DIR)")
         found = self.library.get(name)
         if found is None:
-            raise InvalidJob(f"LoRA {name!r} is not in the worker's library {self.library.root}")
+            raise InvalidJob(
+                f"LoRA {name!r} is not in the worker's library {self.library.location}"
+            )
         return found
+
+    def _fetch(self, lora: LoraFile) -> tuple[Path, str | None]:
+        """The LoRA's local file and the ETag of its bytes (downloaded for an S3 library)."""
+        if lora.url is None:
+            return lora.path, None
+        if self.downloads is None:
+            raise InvalidJob(f"LoRA {lora.name!r}: this worker has no download folder for S3")
+        path, etag = self.downloads.local_path(lora)
+        if etag != lora.etag and self.library is not None:
+            self.library.refresh(force=True)  # the object changed after the listing
+        return path, etag
 
     def _make_room(self, model: LoadedModel, size_bytes: int, *, keep: set[str]) -> None:
         held = sum(entry.size_bytes for entry in self._loaded.values())
@@ -120,15 +154,15 @@ class LoraCache:
             self.evictions += 1
             log.info("LoRA %s unloaded from model %s to make room", name, model_name)
 
-    def _load(self, model: LoadedModel, lora: LoraFile) -> _Loaded:
+    def _load(self, model: LoadedModel, lora: LoraFile, path: Path, etag: str | None) -> _Loaded:
         adapter = _adapter_name(lora.name)
         started = time.perf_counter()
         try:
-            _load_adapter(model, str(lora.path), adapter)
-            short_hash = lora_short_hash(lora.path)
+            _load_adapter(model, str(path), adapter)
+            short_hash = lora_short_hash(path)
         except OSError as e:  # the library's disk (a network share) failed: another try may do
             _delete(model, adapter)
-            raise StorageError(f"LoRA {lora.name!r}: cannot read {lora.path}: {e}") from e
+            raise StorageError(f"LoRA {lora.name!r}: cannot read {path}: {e}") from e
         except Exception as e:  # diffusers' and PEFT's errors for a file that does not fit
             _delete(model, adapter)
             raise InvalidJob(
@@ -143,7 +177,7 @@ class LoraCache:
             model.name,
             time.perf_counter() - started,
         )
-        return _Loaded(model, adapter, lora.size_bytes, short_hash)
+        return _Loaded(model, adapter, lora.size_bytes, short_hash, etag)
 
 
 def lora_params(hashes: Mapping[str, str]) -> list[tuple[str, str]]:

@@ -25,11 +25,13 @@ from shared.celery_app import make_celery, model_queue
 from shared.config import Settings
 from shared.errors import StorageError, StorageRefused, WorkerSetupError
 from shared.ledger import Ledger
-from shared.lora_library import LoraLibrary
+from shared.lora_s3 import open_lora_library
+from shared.redis_client import connect
 from shared.storage import Storage, open_storage
 from worker.context import WorkerContext
 from worker.embeddings import install_embeddings, read_embeddings
 from worker.levers import Levers, apply_levers
+from worker.lora_downloads import downloads_for
 from worker.loras import LoraCache
 from worker.models import LoadedModel, load_model
 from worker.output import OutputPipeline
@@ -100,7 +102,7 @@ def run_worker(
         models, device, Levers.from_settings(settings), embeddings_dir=settings.embeddings_dir
     )
     vaes = load_vaes(settings.vaes, device, Levers.from_settings(settings))
-    client = redis.Redis.from_url(settings.redis_url)
+    client = connect(settings)
     ledger = Ledger(client, status_ttl_s=settings.status_ttl_s, lease_s=settings.lease_s)
     # Stores chunk k while chunk k+1 renders; closed (drained) below, before the process ends.
     output = OutputPipeline(settings.output_depth)
@@ -112,10 +114,7 @@ def run_worker(
         worker_id=worker_id,
         output=output,
         vaes=vaes,
-        loras=LoraCache(
-            LoraLibrary(settings.lora_dir) if settings.lora_dir is not None else None,
-            settings.lora_cache_bytes,
-        ),
+        loras=_lora_cache(settings),
     )
     stop = threading.Event()
     try:
@@ -167,6 +166,17 @@ def _shutdown_deadline(ctx: WorkerContext) -> Any:
     return receiver
 
 
+def _lora_cache(settings: Settings) -> LoraCache:
+    """The worker's LoRAs: its library (a folder or S3), their downloads and adapters."""
+    library = open_lora_library(
+        settings.lora_dir,
+        endpoint_url=settings.s3_endpoint_url,
+        list_interval_s=settings.lora_list_interval_s,
+    )
+    downloads = downloads_for(library, settings.lora_disk_cache_dir, settings.lora_disk_cache_bytes)
+    return LoraCache(library, settings.lora_cache_bytes, downloads)
+
+
 def _heartbeat(ctx: WorkerContext, device: str, stop: threading.Event) -> None:
     record = {
         "host": socket.gethostname(),
@@ -181,7 +191,7 @@ def _heartbeat(ctx: WorkerContext, device: str, stop: threading.Event) -> None:
     while True:
         try:
             state = {"current": ctx.state.current, "images_done": ctx.state.images_done}
-            if ctx.loras is not None:  # loads, hits and evictions, for /metrics
+            if ctx.loras is not None:  # loads, hits, evictions, downloads, for /metrics
                 state |= ctx.loras.counts()
             ctx.ledger.workers.publish(ctx.worker_id, record | state, ctx.settings.worker_ttl_s)
         except redis.RedisError as e:

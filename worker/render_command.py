@@ -57,8 +57,8 @@ def render_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--lora-dir",
-        type=Path,
-        help="the LoRA library that <lora:NAME:W> tags name (default: SDFARM_LORA_DIR)",
+        help="the LoRA library that <lora:NAME:W> tags name, a folder or s3://bucket/prefix "
+        "(default: SDFARM_LORA_DIR)",
     )
     p.add_argument(
         "--embeddings-dir",
@@ -109,17 +109,22 @@ def _activate_loras(
     if not loras:
         return []
     from shared.config import Settings
-    from shared.lora_library import LoraLibrary
+    from shared.lora_s3 import open_lora_library
+    from worker.lora_downloads import downloads_for
     from worker.loras import LoraCache, lora_params
 
-    root = args.lora_dir or Settings().lora_dir
-    if root is None:
+    settings = Settings()
+    library = open_lora_library(
+        args.lora_dir or settings.lora_dir, endpoint_url=settings.s3_endpoint_url, list_interval_s=0
+    )
+    if library is None:
         raise InvalidJob("the prompt names LoRAs: pass --lora-dir DIR or set SDFARM_LORA_DIR")
-    library = LoraLibrary(root)
     for name, _ in loras:
         if library.get(name) is None:
-            raise InvalidJob(f"unknown LoRA {name!r}; {root} holds: {', '.join(library.names())}")
-    return lora_params(LoraCache(library, max_bytes=0).activate(model, loras))
+            held = ", ".join(library.names())
+            raise InvalidJob(f"unknown LoRA {name!r}; {library.location} holds: {held}")
+    downloads = downloads_for(library, settings.lora_disk_cache_dir, settings.lora_disk_cache_bytes)
+    return lora_params(LoraCache(library, 0, downloads).activate(model, loras))
 
 
 def _embeddings(args: argparse.Namespace) -> list[Any]:

@@ -83,7 +83,10 @@ function progressBar(batch) {
   bar.setAttribute("aria-valuenow", String(done));
   for (const state of ["succeeded", "failed", "cancelled", "running"]) {
     const share = batch.total ? (100 * batch.counts[state]) / batch.total : 0;
-    if (share > 0) bar.append(el("span", { class: state, style: `width:${share}%` }));
+    if (share === 0) continue;
+    const span = el("span", { class: state });
+    span.style.width = `${share}%`; // CSSOM: the page's CSP refuses inline style attributes
+    bar.append(span);
   }
   return bar;
 }

@@ -11,7 +11,8 @@
 - `rates`: each tenant's submits in its current window (`submits_per_minute`); `Ledger.rates`.
 - `stats`: counts, depths and throughput for /metrics, ETAs and capacity; `Ledger.stats`.
 - `outcomes`: the counters a job's end moves (per state, per failure reason, render times).
-- `submit`: writing a new batch in pipelined slices and one transaction.
+- `submit`: writing a new batch in pipelined slices and one transaction, all of it or none.
+- `budget`: what a batch will take in Redis, and whether the ledger can afford it; `Ledger.budget`.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from shared.errors import UnknownId
 from shared.jobs import JobSpec, JobState
 from shared.keys import Keys
 from shared.keys import text as _s
+from shared.ledger.budget import Budget
 from shared.ledger.deliveries import WebhookQueue
 from shared.ledger.idempotency import IdempotencyKeys
 from shared.ledger.leases import Leases
@@ -37,9 +38,9 @@ from shared.ledger.records import (
     unknown_batch,
     unknown_job,
 )
-from shared.ledger.scripts import RENEW_LEASES, RETRY_JOBS, TAKE_CHUNK, TRANSITION
+from shared.ledger.scripts import COMMIT_JOBS, RENEW_LEASES, RETRY_JOBS, TAKE_CHUNK, TRANSITION
 from shared.ledger.stats import Stats
-from shared.ledger.submit import write_batch
+from shared.ledger.submit import UNCOMMITTED_TTL_S, BatchPlan, plan_batch, write_batch
 from shared.ledger.transitions import Transition, Transitions
 from shared.ledger.workers import Workers
 
@@ -65,15 +66,18 @@ class Ledger(Transitions, Leases):
         status_ttl_s: int,
         lease_s: float,
         keys: Keys | None = None,
+        uncommitted_ttl_s: int = UNCOMMITTED_TTL_S,
     ) -> None:
         self.redis = client
         self.keys = keys or Keys()
         self.status_ttl_s = status_ttl_s
         self.lease_s = lease_s
+        self.uncommitted_ttl_s = uncommitted_ttl_s  # a job record's TTL until its batch commits
         self._transition = client.register_script(TRANSITION)
         self._take_chunk = client.register_script(TAKE_CHUNK)
         self._renew = client.register_script(RENEW_LEASES)
         self._retry = client.register_script(RETRY_JOBS)
+        self._commit_jobs = client.register_script(COMMIT_JOBS)
         self._outcomes = Outcomes(client, self.keys)  # /metrics and ETA counters
         self.loops = Loops(client, self.keys)  # the dispatch lock, the ended-batch lists
         self.webhooks = WebhookQueue(client, self.keys)  # webhook deliveries waiting or retrying
@@ -81,12 +85,20 @@ class Ledger(Transitions, Leases):
         self.rates = SubmitRates(client, self.keys)  # each tenant's submits in its window
         self.stats = Stats(client, self.keys)  # counts and depths for /metrics, ETAs, capacity
         self.workers = Workers(client, self.keys)  # the worker registry (heartbeats)
+        self.budget = Budget(client, self.keys)  # whether a batch fits the ledger's budget
 
     def close(self) -> None:
         """Close the ledger's connections (the API process's, at shutdown)."""
         self.redis.close()
 
     # -- submit ---------------------------------------------------------------------------------
+
+    def plan_batch(
+        self, batch_id: str, specs: Sequence[JobSpec], meta: dict[str, str] | None = None
+    ) -> BatchPlan:
+        """The batch encoded, with the bytes it will take (for `budget.check`); nothing is
+        written."""
+        return plan_batch(batch_id, specs, meta)
 
     def create_batch(
         self,
@@ -95,25 +107,36 @@ class Ledger(Transitions, Leases):
         *,
         meta: dict[str, str] | None = None,
         tenant: str = DEFAULT_TENANT,
+        plan: BatchPlan | None = None,
     ) -> list[str]:
-        """Write a batch's jobs as `queued`, then make the batch visible and pending in one step.
+        """Write a batch's jobs as `queued`, then make the batch visible and pending in one step
+        (`plan`: the same batch from `plan_batch`, so it is not encoded twice).
 
-        Jobs are written first in slices; the batch record (which records `tenant`), the batch
-        lists and the pending lists follow in one transaction, so a crash half way leaves only
-        invisible job records that expire.
+        Jobs are written first in slices with a short TTL; the batch record (which records
+        `tenant`), the batch lists, the pending lists and the jobs' full TTL follow in one
+        transaction. A Redis error half way deletes what was written (LedgerFull when Redis is
+        out of memory); a crash half way leaves only invisible job records that soon expire.
         """
+        if plan is None:
+            plan = plan_batch(batch_id, specs, meta)
+        assert plan.batch_id == batch_id and len(plan.job_ids) == len(specs)
         now = repr(self.server_time())  # arrival times feed the batching wait: Redis's clock
-        return write_batch(
-            self.redis,
-            self.keys,
-            batch_id,
-            specs,
-            meta=meta,
-            now=now,
-            ttl_s=self.status_ttl_s,
-            wake=self.wake,
-            tenant=tenant,
-        )
+        try:
+            return write_batch(
+                self.redis,
+                self.keys,
+                plan,
+                meta=meta,
+                now=now,
+                ttl_s=self.status_ttl_s,
+                uncommitted_ttl_s=self.uncommitted_ttl_s,
+                commit_jobs=self._commit_jobs,
+                wake=self.wake,
+                tenant=tenant,
+            )
+        except Exception:
+            self.budget.forget()  # what Redis holds is no longer what the budget counted
+            raise
 
     # -- reads ----------------------------------------------------------------------------------
     def job(self, job_id: str) -> JobRecord:

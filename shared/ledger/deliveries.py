@@ -3,15 +3,16 @@
 A member is the delivery itself (JSON: id, batch, URL, body, attempts so far), so one ZADD
 schedules it and one ZREM ends it. A sender claims a due delivery with a compare-and-set that
 pushes its due time past the attempt, so a sender that dies mid-delivery leaves it to be tried
-again (at least once). The batch record carries the outcome (`webhook_state`, `_attempts`,
-`_error`, `_delivered_at`) for the API to show.
+again (at least once). A delivery's id is given by its caller (fixed per batch event, so a
+repeat enqueue of the same event is the same delivery to a receiver). The batch record carries
+the outcome (`webhook_state`, `_attempts`, `_error`, `_delivered_at`) for the API to show.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,8 @@ from shared.keys import Keys
 from shared.keys import text as _s
 
 __all__ = ["Delivery", "WebhookQueue"]
+
+log = logging.getLogger(__name__)
 
 _ERROR_CHARS = 300  # the error kept on the batch record is cut to this
 
@@ -55,9 +58,8 @@ class WebhookQueue:
         self.keys = keys
         self._claim = client.register_script(_CLAIM)
 
-    def enqueue(self, batch_id: str, url: str, body: str) -> Delivery:
+    def enqueue(self, batch_id: str, url: str, body: str, delivery_id: str) -> Delivery:
         """Schedule a POST of `body` to `url` now, and mark the batch's webhook pending."""
-        delivery_id = uuid.uuid4().hex
         member = _member(delivery_id, batch_id, url, body, attempts=0)
         pipe = self.client.pipeline(transaction=True)
         pipe.zadd(self.keys.webhooks(), {member: time.time()})
@@ -71,7 +73,14 @@ class WebhookQueue:
     def due(self, now: float, limit: int) -> list[Delivery]:
         """Up to `limit` deliveries due at `now`, soonest first (not yet claimed)."""
         members = self.client.zrangebyscore(self.keys.webhooks(), "-inf", now, start=0, num=limit)
-        return [_delivery(_s(member)) for member in members]
+        deliveries = []
+        for member in (_s(raw) for raw in members):
+            try:
+                deliveries.append(_delivery(member))
+            except (ValueError, KeyError, TypeError) as e:  # not written by `enqueue`: drop it
+                log.warning("webhook queue: dropping an unreadable delivery (%r)", e)
+                self.client.zrem(self.keys.webhooks(), member)
+        return deliveries
 
     def claim(self, delivery: Delivery, now: float, hold_until: float) -> bool:
         """Take a due delivery for one attempt: no other sender sees it due before `hold_until`."""
@@ -116,10 +125,10 @@ def _member(delivery_id: str, batch_id: str, url: str, body: str, attempts: int)
 def _delivery(member: str) -> Delivery:
     record = json.loads(member)
     return Delivery(
-        delivery_id=record["id"],
-        batch_id=record["batch_id"],
-        url=record["url"],
-        body=record["body"],
+        delivery_id=str(record["id"]),
+        batch_id=str(record["batch_id"]),
+        url=str(record["url"]),
+        body=str(record["body"]),
         attempts=int(record["attempt"]),
         member=member,
     )

@@ -24,6 +24,7 @@ from shared.ledger.pending import PRIORITY_CLASS
 from shared.ledger.records import DEFAULT_TENANT
 
 __all__ = [
+    "COMMIT_JOBS",
     "RECORD_OUTCOME",
     "RENEW_LEASES",
     "RETRY_JOBS",
@@ -121,3 +122,4 @@ RENEW_LEASES = _load("renew_leases")
 RETRY_JOBS = _load("retry_jobs", with_push_pending=True)
 RECORD_OUTCOME = _load("record_outcome")
 SUBMIT_RATE = _load("submit_rate")
+COMMIT_JOBS = _load("commit_jobs")
