@@ -24,6 +24,7 @@ from transformers import CLIPTextModel
 
 from shared.errors import InvalidJob
 from shared.jobs import JobSpec
+from tests.reporting import difference_report
 from tests.test_samplers import PIXEL_TOLERANCE, REFERENCE, STEPS, difference
 from worker.a1111_syntax import BREAK, Break, Piece, PromptSyntaxError, parse_prompt
 from worker.models import LoadedModel, load_model
@@ -42,7 +43,6 @@ WEIGHTED = Row(
     4242,
     7.5,
 )
-SEEN: dict[str, int] = {}
 
 # A1111's examples (its `parse_prompt_attention` docstring and wiki) and what it reads them as.
 EXAMPLES: list[tuple[str, list[Piece | Break]]] = [
@@ -113,16 +113,7 @@ def sdxl(tiny_sdxl_dir: Path) -> LoadedModel:
     return load_model("tiny-sdxl", str(tiny_sdxl_dir))
 
 
-@pytest.fixture(scope="module")
-def report(request: pytest.FixtureRequest) -> Any:
-    """Records each test's max pixel difference; the table is printed after the module."""
-    yield SEEN.__setitem__
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if capture is not None and SEEN:
-        with capture.global_and_fixture_disabled():
-            print(f"\nA1111 prompts: max pixel difference (tolerance {PIXEL_TOLERANCE}):")
-            for what, diff in sorted(SEEN.items()):
-                print(f"  {what}: {diff}")
+report = difference_report(f"A1111 prompts: max pixel difference (tolerance {PIXEL_TOLERANCE})")
 
 
 def encode(model: LoadedModel, row: Row, mode: str = "truncate") -> EncodedRow:

@@ -32,6 +32,7 @@ from diffusers import (
 
 from shared.jobs import SCHEDULERS
 from shared.metadata import SAMPLER_LABELS
+from tests.reporting import difference_report
 from worker import schedulers
 from worker.models import LoadedModel, load_model
 from worker.sampler import PassParams, Row, render_pass
@@ -60,7 +61,6 @@ REFERENCE: dict[str, tuple[Any, dict[str, Any], str]] = {
     # row's seed, so at batch size 1 the two draw the same noise.
     "dpmpp_sde": (DPMSolverSDEScheduler, {"noise_sampler_seed": ROW.seed}, "DPM++ SDE"),
 }
-SEEN: dict[str, int] = {}  # max pixel difference per test, printed at the end
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -122,16 +122,7 @@ def v_pipe(v_model_dir: Path) -> StableDiffusionPipeline:
     return pipeline_for(v_model_dir)
 
 
-@pytest.fixture(scope="module")
-def report(request: pytest.FixtureRequest) -> Any:
-    """Records each test's max pixel difference; the table is printed after the module."""
-    yield SEEN.__setitem__
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if capture is not None and SEEN:
-        with capture.global_and_fixture_disabled():
-            print(f"\nmax pixel difference vs the reference (tolerance {PIXEL_TOLERANCE}):")
-            for what, diff in sorted(SEEN.items()):
-                print(f"  {what}: {diff}")
+report = difference_report(f"max pixel difference vs the reference (tolerance {PIXEL_TOLERANCE})")
 
 
 def test_every_sampler_name_the_api_accepts_has_a_scheduler_and_an_a1111_label() -> None:

@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -31,6 +30,7 @@ from shared.jobs import JobSpec
 from shared.ledger import Ledger
 from shared.metadata import read_png_metadata
 from shared.storage import FileStorage
+from tests.reporting import difference_report
 from tests.test_img2img import diffusers_image, init_picture, png_base64
 from tests.test_samplers import (
     MIXED,
@@ -47,8 +47,6 @@ from worker.models import LoadedModel, load_model
 from worker.rows import pass_params, row_for
 from worker.sampler import PassParams, Row, render_pass
 from worker.tiny import make_tiny
-
-SEEN: dict[str, int] = {}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -70,16 +68,7 @@ def sdxl_pipe(sdxl_dir: Path) -> StableDiffusionXLPipeline:
     return pipe
 
 
-@pytest.fixture(scope="module")
-def report(request: pytest.FixtureRequest) -> Any:
-    """Records each test's max pixel difference; the table is printed after the module."""
-    yield SEEN.__setitem__
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if capture is not None and SEEN:
-        with capture.global_and_fixture_disabled():
-            print(f"\nSDXL: max pixel difference vs diffusers (tolerance {PIXEL_TOLERANCE}):")
-            for what, diff in sorted(SEEN.items()):
-                print(f"  {what}: {diff}")
+report = difference_report(f"SDXL: max pixel difference vs diffusers (tolerance {PIXEL_TOLERANCE})")
 
 
 def sdxl_image(pipe: StableDiffusionXLPipeline, name: str, row: Row) -> np.ndarray:

@@ -37,6 +37,7 @@ from shared.ledger import Ledger
 from shared.metadata import read_png_metadata
 from shared.routing import compat_key, route_of
 from shared.storage import FileStorage
+from tests.reporting import difference_report
 from tests.test_img2img import init_picture, png_base64
 from tests.test_samplers import (
     MIXED,
@@ -55,7 +56,6 @@ from worker.models import LoadedModel, load_model
 from worker.rows import pass_params, row_for
 from worker.sampler import PassParams, Row, render_pass
 
-SEEN: dict[str, int] = {}
 SWITCH = 0.8
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -83,18 +83,9 @@ def pipes(tiny_sdxl_dir: Path, tiny_refiner_dir: Path) -> Iterator[dict[str, Any
     yield made
 
 
-@pytest.fixture(scope="module")
-def report(request: pytest.FixtureRequest) -> Iterator[Callable[[str, int], None]]:
-    """Records each test's max pixel difference; the table is printed after the module."""
-    yield SEEN.__setitem__
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if capture is not None and SEEN:
-        with capture.global_and_fixture_disabled():
-            print(
-                f"\nSDXL refiner: max pixel difference vs diffusers (tolerance {PIXEL_TOLERANCE}):"
-            )
-            for what, diff in sorted(SEEN.items()):
-                print(f"  {what}: {diff}")
+report = difference_report(
+    f"SDXL refiner: max pixel difference vs diffusers (tolerance {PIXEL_TOLERANCE})"
+)
 
 
 def _schedule(pipe: Any, name: str, seed: int) -> None:
