@@ -25,7 +25,7 @@ from transformers import CLIPTextModel
 from shared.errors import InvalidJob
 from shared.jobs import JobSpec
 from tests.reporting import difference_report
-from tests.test_samplers import PIXEL_TOLERANCE, REFERENCE, STEPS, difference
+from tests.test_samplers import PIXEL_TOLERANCE, STEPS, difference, diffusers_image
 from worker.a1111_syntax import BREAK, Break, Piece, PromptSyntaxError, parse_prompt
 from worker.models import LoadedModel, load_model
 from worker.prompt_chunks import a1111_chunks
@@ -130,18 +130,7 @@ def ours(model: LoadedModel, *rows: Row) -> list[np.ndarray | None]:
 
 def theirs(pipe: Any, row: Row, **prompt: Any) -> np.ndarray:
     """diffusers' image for the row, the prompt given as `prompt` (text or embeddings)."""
-    cls, settings, _ = REFERENCE[SAMPLER]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **settings)
-    image = pipe(
-        **prompt,
-        num_inference_steps=STEPS,
-        guidance_scale=row.guidance,
-        height=64,
-        width=64,
-        generator=[torch.Generator().manual_seed(row.seed)],
-        output_type="np",
-    ).images[0]
-    return np.asarray((image * 255).round(), dtype=np.uint8)
+    return diffusers_image(pipe, SAMPLER, row, **prompt)
 
 
 def embeds(encoded: EncodedRow) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from shared.config import Settings
 from shared.errors import InvalidJob
 from shared.lora_library import LoraLibrary, lora_short_hash
 from shared.routing import compat_key
-from tests.test_samplers import PIXEL_TOLERANCE, ROW, STEPS, difference
+from tests.test_samplers import PIXEL_TOLERANCE, ROW, STEPS, difference, diffusers_image
 from worker.loras import LoraCache
 from worker.models import LoadedModel, load_model
 from worker.rows import pass_params
@@ -79,17 +79,7 @@ def diffusers_with_loras(model_dir: Path, arch: str, loras: list[tuple[Path, flo
         for index, (path, _) in enumerate(loras):
             pipe.load_lora_weights(str(path), adapter_name=f"l{index}")
     pipe.set_adapters([f"l{i}" for i in range(len(loras))], [w for _, w in loras])
-    image = pipe(
-        prompt=ROW.prompt,
-        negative_prompt=ROW.negative_prompt,
-        num_inference_steps=STEPS,
-        guidance_scale=ROW.guidance,
-        height=64,
-        width=64,
-        generator=[torch.Generator().manual_seed(ROW.seed)],
-        output_type="np",
-    ).images[0]
-    return (image * 255).round().astype(np.uint8)
+    return diffusers_image(pipe, ARCHS[arch], ROW)
 
 
 CASES = [

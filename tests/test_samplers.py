@@ -71,7 +71,9 @@ def pipeline_for(model_dir: Path) -> StableDiffusionPipeline:
     return pipe
 
 
-def diffusers_image(pipe: StableDiffusionPipeline, name: str, row: Row) -> np.ndarray:
+def diffusers_image(pipe: Any, name: str, row: Row, **prompt: Any) -> np.ndarray:
+    """diffusers' 64x64 image of `row` with sampler `name`; `prompt` replaces the row's prompt
+    and negative prompt as the pipeline's arguments (embeddings, `clip_skip`, ...)."""
     cls, settings, _ = REFERENCE[name]
     # From the model folder's own config, not from the scheduler a previous test left behind.
     config = LMSDiscreteScheduler.load_config(Path(pipe.name_or_path) / "scheduler")
@@ -79,9 +81,9 @@ def diffusers_image(pipe: StableDiffusionPipeline, name: str, row: Row) -> np.nd
     with warnings.catch_warnings():
         # torchsde warns when diffusers' DPM++ SDE asks an ulp outside its Brownian tree.
         warnings.filterwarnings("ignore", "Should have t", UserWarning)
+        text = prompt or {"prompt": row.prompt, "negative_prompt": row.negative_prompt}
         image = pipe(
-            prompt=row.prompt,
-            negative_prompt=row.negative_prompt,
+            **text,
             num_inference_steps=STEPS,
             guidance_scale=row.guidance,
             height=64,

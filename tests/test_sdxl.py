@@ -9,7 +9,6 @@ jobs render the same together as one by one.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +40,7 @@ from tests.test_samplers import (
     difference,
     together_and_alone,
 )
+from tests.test_samplers import diffusers_image as txt2img_image
 from worker.chunk import process_chunk
 from worker.context import WorkerContext
 from worker.models import LoadedModel, load_model
@@ -72,23 +72,10 @@ report = difference_report(f"SDXL: max pixel difference vs diffusers (tolerance 
 
 
 def sdxl_image(pipe: StableDiffusionXLPipeline, name: str, row: Row) -> np.ndarray:
-    cls, settings, _ = REFERENCE[name]
-    config = LMSDiscreteScheduler.load_config(Path(pipe.name_or_path) / "scheduler")
-    pipe.scheduler = cls.from_config(config, **settings)
-    with warnings.catch_warnings():
-        # torchsde warns when diffusers' DPM++ SDE asks an ulp outside its Brownian tree.
-        warnings.filterwarnings("ignore", "Should have t", UserWarning)
-        image = pipe(
-            prompt=row.prompt,
-            negative_prompt=row.negative_prompt or None,
-            num_inference_steps=STEPS,
-            guidance_scale=row.guidance,
-            height=64,
-            width=64,
-            generator=[torch.Generator().manual_seed(row.seed)],
-            output_type="np",
-        ).images[0]
-    return (image * 255).round().astype(np.uint8)
+    """An empty negative prompt goes in as none, so the model's `force_zeros_for_empty_prompt`
+    applies as it does in diffusers."""
+    text = {"prompt": row.prompt, "negative_prompt": row.negative_prompt or None}
+    return txt2img_image(pipe, name, row, **text)
 
 
 def test_the_tiny_sdxl_is_read_as_sdxl(sdxl: LoadedModel) -> None:
