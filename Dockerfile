@@ -36,6 +36,12 @@ ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install "$(ls /wheels/sdfarm-*.whl)[worker]"
 RUN useradd --create-home --uid 10001 sdfarm
+# Compiled graphs (`--compile`) persist here across restarts, so a restarted worker starts warm:
+# a volume in docker-compose.yml (worker/compile_cache.py). Owned by the worker's user, which a
+# named volume mounted here inherits.
+ENV SDFARM_COMPILE_CACHE_DIR=/var/cache/sdfarm/compile
+RUN mkdir -p /var/cache/sdfarm/compile && chown -R sdfarm /var/cache/sdfarm
+VOLUME /var/cache/sdfarm/compile
 USER sdfarm
 WORKDIR /home/sdfarm
 # Model weights are mounted read-only at /models (see docker-compose.yml).

@@ -53,13 +53,21 @@ class Job:
 class DirectPipeline:
     """diffusers' pipeline loaded once from the model folder; each method times one pass."""
 
-    def __init__(self, model_dir: Path, warm_up: Sequence[Job]) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        warm_up: Sequence[Job],
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.save_s = 0.0  # writing PNG files, within the times the methods return
         diffusers_logging.disable_progress_bar()  # the component-loading bar
         with quiet_hf_progress_bars():
             self.pipe = StableDiffusionPipeline.from_pretrained(
-                model_dir, safety_checker=None, requires_safety_checker=False, local_files_only=True
-            )
+                model_dir, safety_checker=None, requires_safety_checker=False,
+                local_files_only=True, torch_dtype=dtype,
+            ).to(device)  # fmt: skip
         self.pipe.set_progress_bar_config(disable=True)  # a fair baseline draws no progress bars
         # First-call costs (allocations, lazy inits) are not the jobs': one call of each shape.
         self._render(warm_up[:1])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -21,6 +21,7 @@ import redis
 
 from bench.direct import Job
 from producer.client import FarmClient
+from producer.client_types import Submitted
 from producer.local import LocalFarm
 from producer.processes import ManagedProcess
 from shared.keys import Keys
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 # `finished_at`, so polling only has to notice the end; slow, it steals no CPU from the worker.
 POLL_S = 0.5
 RENDER_TIMEOUT_S = 1800.0
+READY_POLL_S = 0.1
 CLOCK_TICKS = 100  # /proc's utime and stime are in USER_HZ, 100 on Linux
 
 
@@ -41,14 +43,24 @@ class BenchFarm:
     """A local farm and one worker process, started once; `run(jobs)` times one batch."""
 
     def __init__(
-        self, state_dir: Path, model_dir: Path, max_batch: int, storage: str = "s3"
+        self,
+        state_dir: Path,
+        model_dir: Path,
+        max_batch: int,
+        storage: str = "s3",
+        *,
+        device: str = "cpu",
+        model_name: str = "tiny",
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
-        env = {"SDFARM_MAX_BATCH": str(max_batch)}
+        env = {"SDFARM_MAX_BATCH": str(max_batch), **(extra_env or {})}
         self.model_dir = model_dir
+        self.model_name = model_name
+        self.device = device
         self.farm = LocalFarm(
             state_dir=state_dir,
             workers=0,
-            models={"tiny": str(model_dir)},
+            models={model_name: str(model_dir)},
             storage=storage,
             extra_env=env,
         )
@@ -56,25 +68,44 @@ class BenchFarm:
     def __enter__(self) -> Self:
         self.farm.start()
         try:
-            argv = [sys.executable, "-m", "producer", "worker", "--device", "cpu"]
-            argv += ["--model", f"tiny={self.model_dir}"]
-            self.worker = ManagedProcess(
-                "bench-worker", argv, log_dir=self.farm.log_dir, env=self.farm.env
-            )
-            self.worker.start()
             self.redis = redis.Redis.from_url(self.farm.redis.url)
             self.ledger = Ledger(self.redis, status_ttl_s=3600, lease_s=60)
             self.client = FarmClient(self.farm.api_url, self.farm.api_key)
+            self.ready_s = self.start_worker()
         except BaseException:
             self.farm.stop()
             raise
         return self
 
+    def start_worker(self, *, compile_unet: bool = False) -> float:
+        """Start the worker process; seconds until it is ready (its heartbeat says it serves,
+        published once its models are loaded and, compiled, warmed up)."""
+        argv = [sys.executable, "-m", "producer", "worker", "--device", self.device]
+        argv += ["--model", f"{self.model_name}={self.model_dir}"]
+        if compile_unet:
+            argv.append("--compile")
+        started = time.monotonic()
+        self.worker = ManagedProcess(
+            "bench-worker", argv, log_dir=self.farm.log_dir, env=self.farm.env
+        )
+        self.worker.start()
+        while not any(w.get("pid") == self.worker.pid for w in self.ledger.workers.live()):
+            # the heartbeat's pid: `sdfarm worker` without --gpus runs in the process started
+            if not self.worker.is_running():
+                raise RuntimeError(f"the bench worker exited; see {self.worker.log_path}")
+            if time.monotonic() - started > RENDER_TIMEOUT_S:
+                raise TimeoutError(f"the bench worker not ready after {RENDER_TIMEOUT_S:.0f} s")
+            time.sleep(READY_POLL_S)
+        return time.monotonic() - started
+
+    def stop_worker(self) -> None:
+        if self.worker.is_running():
+            self.worker.stop(30)
+
     def __exit__(self, *exc: object) -> None:
         try:
             self.client.close()
-            if self.worker.is_running():
-                self.worker.stop(30)
+            self.stop_worker()
             self.redis.close()
         finally:
             self.farm.stop()
@@ -122,7 +153,7 @@ class BenchFarm:
             "job_record_bytes": int(sample),
         }
 
-    def _submit(self, jobs: Sequence[Job]) -> dict[str, Any]:
+    def _submit(self, jobs: Sequence[Job]) -> Submitted:
         return self.client.submit([job.farm_spec() for job in jobs])
 
     def _wait_done(self, batch_id: str, total: int) -> None:

@@ -3,6 +3,7 @@
     python bench/gpu.py                 # full-size SD 1.5, then SDXL: random weights, fp16 on CUDA
     python bench/gpu.py --model sdxl    # one of them (sd15, sdxl; both by default)
     python bench/gpu.py --tiny          # the tiny models on the CPU at 64x64 (CI keeps it working)
+    python bench/gpu.py --parts sampling --levers cuda_graphs,lms_precompute   # some of it
 
 For each model one run measures diffusers' pipeline (StableDiffusionPipeline, or
 StableDiffusionXLPipeline) at batch 1, built from the same components, then the farm's
@@ -12,6 +13,10 @@ difference gives the time per step and the rest the fixed cost (text encoders, V
 which the time of an image at 50 steps (SDXL: 30) is extrapolated. A time budget, shared by the
 models in turn, skips what no longer fits (said so in the JSON and the table), and a watchdog
 writes what was measured and exits if a compile overruns.
+
+Then, on SD 1.5 (`--parts`): the lever matrix (bench/lever_matrix.py: each lever of
+worker/levers.py on and off, the same jobs, under `levers` in the JSON) and `farm_e2e`
+(bench/farm_e2e.py: the whole farm on the device over HTTP against diffusers batched by hand).
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ import diffusers
 import torch
 
 from bench.flops import count_tflop
-from bench.parts import MODELS, Part, build, choose_parts
-from bench.record import Run, print_table
+from bench.gpu_args import PART_BUDGET_S, parser
+from bench.lever_matrix import print_levers, run_lever_matrix
+from bench.parts import Part, build, choose_parts
+from bench.record import Run, print_e2e, print_table
 from bench.sd15 import sd15_pipeline
 from bench.sdxl import diffusers_vae, sdxl_pipeline
 from bench.timing import measure, scheduler_ms_per_step, summarise
@@ -51,7 +58,6 @@ PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 NEGATIVE = "blurry"
 GUIDANCE = 7.5
 SAMPLER = "lms"  # the farm's default (shared/jobs.py), for diffusers' pipelines too
-PART_BUDGET_S = 210.0  # each model's share of the default --budget-s
 # SD 1.5's top-level keys, as before SDXL joined; every model's are also under "models".
 SD15_TOP_LEVEL = ("size", "build_s", "flops", "rows_per_pass_estimate")
 
@@ -178,21 +184,47 @@ def run_part(
     image_tflop = flops["image_tflop"] if counted else (part.issue_image_tflop or 0.0)
     bench = Bench(args, part, device, model, run, started, deadline, steps, image_tflop)
 
-    bench.diffusers_pipeline()
-    # The farm's levers (worker/levers.py) as a worker applies them at start, eager first.
-    apply_levers(model, Levers())
-    params = PassParams(2, part.size, part.size)
-    fact("rows_per_pass_estimate", rows_per_pass(model, params, None))
-    bench.farm(compiled=False)
-    if args.no_compile or bench.over_budget(part.compile_reserve_s):
-        run.add("skipped", {"model": part.key, "compiled": True, "why": _why(args)})
-    else:
-        model.unet.compile(backend=backend)  # what levers.apply_levers does for --compile
-        bench.farm(compiled=True)
+    if "sampling" in args.parts:
+        bench.diffusers_pipeline()
+        # The farm's levers (worker/levers.py) as a worker applies them at start, eager first.
+        apply_levers(model, Levers())
+        params = PassParams(2, part.size, part.size)
+        fact("rows_per_pass_estimate", rows_per_pass(model, params, None))
+        bench.farm(compiled=False)
+        if args.no_compile or bench.over_budget(part.compile_reserve_s):
+            run.add("skipped", {"model": part.key, "compiled": True, "why": _why(args)})
+        else:
+            model.unet.compile(backend=backend)  # what levers.apply_levers does for --compile
+            bench.farm(compiled=True)
+    if part.key != "sd15":
+        return
+    if "levers" in args.parts and args.levers:
+        lever_deadline = time.monotonic() + args.lever_budget_s
+        matrix = run_lever_matrix(
+            model, args.levers, rows=args.lever_rows or (1 if args.tiny else 8),
+            size=part.size, steps=steps, target_steps=part.target_steps,
+            image_tflop=image_tflop, peak_tflops=args.peak_tflops, compile_backend=backend,
+            over_budget=lambda reserve: time.monotonic() + reserve > lever_deadline,
+            report=lambda figures: run.add("levers", figures),
+        )  # fmt: skip
+        run.add("levers", matrix)
+    if "farm_e2e" in args.parts:
+        # Here, not at the top: the farm needs the whole project (Redis, Celery, the API), the
+        # rest of this script only torch and diffusers.
+        from bench.farm_e2e import run_farm_e2e, setup_for
+
+        del bench, model  # the worker and diffusers load their own copies
+        gc.collect()
+        e2e = run_farm_e2e(
+            setup_for(args.tiny, args.e2e_jobs), device, flops["unet_step_tflop"],
+            flops["vae_decode_tflop"], args.peak_tflops, compiled=not args.no_compile,
+            report=lambda figures: run.add("farm_e2e", figures),
+        )  # fmt: skip
+        run.add("farm_e2e", e2e)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser(__doc__).parse_args(argv)
     started = time.monotonic()
     device = torch.device("cpu" if args.tiny else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -207,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     budget_s = args.budget_s if args.budget_s is not None else PART_BUDGET_S * len(chosen)
     out = args.out or _default_out(args.tiny)
     run = Run(out, _meta(args, device, chosen, budget_s))
-    _start_watchdog(run, budget_s + args.grace_s)
+    _start_watchdog(run, budget_s + args.lever_budget_s + args.e2e_budget_s + args.grace_s)
 
     for index, part in enumerate(chosen):
         # Each model's share of the budget ends here; what one leaves goes to the next.
@@ -219,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     run.add("total_s", time.monotonic() - started)
     print_table(run.data)
+    if "levers" in run.data:
+        print_levers(run.data["levers"], chosen[0].target_steps)
+    if "farm_e2e" in run.data:
+        print_e2e(run.data["farm_e2e"])
     print(f"wrote {out}")
     return 0
 
@@ -228,54 +264,8 @@ def _timed_steps(tiny: bool) -> tuple[int, int]:
     return (2, 4) if tiny else (2, 12)
 
 
-def _batches(text: str) -> tuple[int, ...]:
-    try:
-        batches = tuple(int(b) for b in text.split(","))
-    except ValueError:
-        batches = ()
-    if not batches or min(batches) < 1:
-        raise argparse.ArgumentTypeError(f"rows per pass look like 1,4,8 (each >= 1); got {text!r}")
-    return batches
-
-
 def _why(args: argparse.Namespace) -> str:
     return "--no-compile" if args.no_compile else "time budget (compiling would not fit)"
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="the tiny models on the CPU, 64x64")
-    p.add_argument("--model", choices=MODELS, default="both", help="which models (default both)")
-    p.add_argument("--out", type=Path, help="JSON path (default bench/results/gpu-DATE.json)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument(
-        "--batches",
-        type=_batches,
-        help="rows per pass for the farm (SD 1.5 1,4,8,16; SDXL 1,4,8; tiny 1,2)",
-    )
-    p.add_argument("--no-compile", action="store_true", help="skip the compiled runs")
-    p.add_argument(
-        "--budget-s",
-        type=float,
-        help=f"start nothing new after this (default {PART_BUDGET_S:.0f} s a model)",
-    )
-    p.add_argument("--grace-s", type=float, default=30.0, help="then this long before exiting")
-    p.add_argument(
-        "--compile-reserve-s",
-        type=float,
-        default=75.0,
-        help="time an SD 1.5 U-Net compile may take",
-    )
-    p.add_argument(
-        "--sdxl-compile-reserve-s",
-        type=float,
-        default=150.0,
-        help="time an SDXL U-Net compile may take (4x SD 1.5's transformer blocks; an estimate)",
-    )
-    p.add_argument(
-        "--peak-tflops", type=float, default=790.0, help="the device's dense fp16 peak (H200)"
-    )
-    return p
 
 
 def _default_out(tiny: bool) -> Path:

@@ -70,3 +70,24 @@ def print_table(data: dict[str, Any]) -> None:
     print(data["method"])
     if "aborted" in data:
         print(f"ABORTED: {data['aborted']}")
+
+
+def print_e2e(e2e: dict[str, Any]) -> None:
+    """farm_e2e: the whole farm over HTTP against diffusers batched by hand, same jobs."""
+    print(
+        f"\nfarm end to end on {e2e['device']}: {e2e['jobs']} jobs, {e2e['size']}, "
+        f"{e2e['steps']} steps, max_batch {e2e['max_batch']}, {e2e['storage']} storage; "
+        f"diffusers batched by hand {e2e['diffusers_batched_images_per_s']:.3f} img/s"
+    )
+    print(f"{'worker':9} {'img/s':>8} {'x diffusers':>11} {'GPU busy':>8} {'peak%':>6} ready s")
+    for name in ("eager", "compiled"):
+        if name not in e2e:
+            continue
+        r = e2e[name]
+        busy = "-" if r["gpu_busy_share"] is None else f"{100 * r['gpu_busy_share']:.0f}%"
+        peak = "-" if r["share_of_peak"] is None else f"{100 * r['share_of_peak']:.1f}%"
+        ready = ", ".join(f"{k} {v:.1f}" for k, v in r["ready_s"].items())
+        print(
+            f"{name:9} {r['images_per_s']:>8.3f} {r['ratio_to_diffusers_batched']:>10.2f}x "
+            f"{busy:>8} {peak:>6} {ready}"
+        )

@@ -1,8 +1,9 @@
 """The HTTP API (FastAPI). It imports no torch: the producer only talks to Redis and storage.
 
-Routes live in `routes_batches` and `routes_jobs`; this module builds the app: the farm built
-once at startup (`producer.farm.Farm`), the error shapes, the dashboard's static page, /metrics,
-/healthz, and the refusal of API keys in query strings (URLs end up in logs and histories).
+Routes live in `routes_batches`, `routes_jobs`, `routes_uploads` and `routes_stats`; this module
+builds the app: the farm built once at startup (`producer.farm.Farm`), the error shapes, the
+dashboard's static page, /metrics, /healthz, and the refusal of API keys in query strings (URLs
+end up in logs and histories).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from producer import routes_batches, routes_jobs
+from producer import routes_batches, routes_jobs, routes_stats, routes_uploads
 from producer.farm import ApiError, CallerDep, Farm, FarmDep, known_query_only
 from producer.metrics import render_metrics
-from producer.schemas import Health, errors
+from producer.schemas import Health, LoopHealth, errors
 from producer.tenants import load_tenants
 from shared.config import Settings
 from shared.errors import BatchTooLarge, InvalidJob, LedgerFull, RateLimited, SdfarmError, UnknownId
@@ -37,7 +38,12 @@ log = logging.getLogger(__name__)
 
 # Query parameters that look like credentials; a key there would be logged by every proxy.
 _KEY_PARAMS = frozenset({"api_key", "apikey", "api-key", "key", "token", "access_token"})
-_STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
+_STATIC = {
+    "app.js": "text/javascript",
+    "chart.js": "text/javascript",
+    "gallery.js": "text/javascript",
+    "style.css": "text/css",
+}
 
 
 def create_app(
@@ -73,6 +79,8 @@ def create_app(
     _install_error_handlers(app)
     app.include_router(routes_batches.router)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_uploads.router)
+    app.include_router(routes_stats.router)
     dashboard = resources.files("producer") / "dashboard"
     page = (dashboard / "index.html").read_text(encoding="utf-8")
     static = {name: (dashboard / name).read_bytes() for name in _STATIC}
@@ -94,11 +102,15 @@ def create_app(
             raise ApiError(404, f"no dashboard file {name[:40]!r}")
         return Response(static[name], media_type=_STATIC[name], headers=_dashboard_headers(f))
 
-    @app.get("/healthz", response_model=Health)
-    def healthz(f: FarmDep) -> Health:
-        """Liveness; needs no key."""
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+    def healthz(f: FarmDep) -> Response:
+        """Liveness: Redis answers and every background loop runs (503 when one stalled);
+        needs no key."""
         f.ledger.stats.ping()
-        return Health(ok=True, dispatcher_active=f.dispatcher.active)
+        loops = {name: LoopHealth(**vars(p.state())) for name, p in f.loops.items()}
+        ok = all(loop.alive for loop in loops.values())
+        health = Health(ok=ok, dispatcher_active=f.dispatcher.active, loops=loops)
+        return JSONResponse(health.model_dump(), status_code=200 if ok else 503)
 
     @app.get(
         "/metrics",

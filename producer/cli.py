@@ -75,7 +75,7 @@ def _add_submit_command(sub: _Subparsers[argparse.ArgumentParser]) -> None:
         "--from-png",
         type=Path,
         metavar="DIR",
-        help="re-submit every PNG in DIR as the job its A1111 `parameters` describe",
+        help="re-submit every PNG, WebP and JPEG in DIR as the job its A1111 `parameters` describe",
     )
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     for name, kind in (

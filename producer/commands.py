@@ -11,12 +11,13 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from producer import views
 from producer.client import FarmClient
+from producer.client_types import Submitted
 from shared.config import Settings
 from shared.errors import InvalidJob
 from shared.ids import is_batch_id, is_job_id
@@ -25,6 +26,7 @@ from shared.metadata import read_png_metadata
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "EXIT_UNREACHABLE", "HANDLERS"]
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
+IMAGE_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg")  # what --from-png reads infotexts from
 JOB_OPTIONS = ("model", "scheduler", "steps", "guidance", "width", "height", "seed")
 
 
@@ -75,12 +77,12 @@ def _file_jobs(path: Path, defaults: dict[str, Any]) -> Iterator[dict[str, Any]]
 
 
 def _png_infotexts(folder: Path) -> list[tuple[Path, str]]:
-    """Each PNG of `folder` (by name) with its A1111 `parameters` text; InvalidJob naming a file
-    that is not a PNG or holds none."""
+    """Each PNG, WebP or JPEG of `folder` (by name) with its A1111 `parameters` text; InvalidJob
+    naming a file that is not such an image or holds none."""
     if not folder.is_dir():
         raise InvalidJob(f"--from-png: {folder} is not a folder")
     found = []
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png"):
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         try:
             text = read_png_metadata(path.read_bytes()).get("parameters")
         except OSError as e:  # PIL's UnidentifiedImageError is one
@@ -89,13 +91,13 @@ def _png_infotexts(folder: Path) -> list[tuple[Path, str]]:
             raise InvalidJob(f"--from-png: {path} holds no A1111 `parameters` text")
         found.append((path, text))
     if not found:
-        raise InvalidJob(f"--from-png: no .png files in {folder}")
+        raise InvalidJob(f"--from-png: no .png, .webp or .jpg files in {folder}")
     return found
 
 
 def _submit_pngs(
     farm: FarmClient, folder: Path, defaults: dict[str, Any], options: dict[str, Any]
-) -> dict[str, Any]:
+) -> Submitted:
     """One batch of the jobs the PNGs' infotexts describe; a refusal names the file."""
     pngs = _png_infotexts(folder)
     try:
@@ -233,6 +235,7 @@ def _manifest(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
+    result: Mapping[str, Any]
     with client() as farm:
         if is_job_id(args.id):
             result = farm.cancel(args.id)

@@ -7,6 +7,10 @@ ledger's wake list), so a lone job is sent within milliseconds when a worker is 
 It is also the reconciler: jobs whose lease expired (dead worker) go back to `queued`, or to
 `failed` after `max_attempts`; chunks sent but not started within `dispatch_timeout_s` are sent
 again. Duplicated deliveries are harmless: a terminal or running job is skipped on entry.
+
+What goes next is the ledger's dispatch policy (`shared.ledger.pending`): priority classes
+first, then tenants by their share `weight` (the tenants file), then each tenant's batches in
+turn, then the order within a batch.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 
 import redis
 from celery import Celery
 
+from producer.tenants import load_tenants
 from shared.celery_app import RENDER_CHUNK, model_queue
 from shared.config import Settings
 from shared.errors import FailureReason, UnknownId
@@ -44,7 +50,9 @@ class Dispatcher:
         *,
         lock_ttl_s: float = 5.0,
         reconcile_every_s: float = 1.0,
+        weights: Mapping[str, float] | None = None,
     ) -> None:
+        """`weights`: each tenant's share weight; None reads them from the settings' tenants."""
         self.settings = settings
         self.ledger = ledger
         self.celery = celery
@@ -54,6 +62,7 @@ class Dispatcher:
         self._last_reconcile = 0.0
         self.active = False
         self.hold_until: float | None = None  # when the earliest held group is due (top_up)
+        self.weights = dict(weights if weights is not None else load_tenants(settings).weights())
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -98,8 +107,9 @@ class Dispatcher:
 
         The target is `queue_chunks_per_worker` per live worker serving the model, so the broker
         holds only a little work and the order of everything else is decided here, at the last
-        moment (priority, turns, grouping: `shared.ledger.pending`). A model no live worker serves
-        gets nothing sent: its jobs wait in the ledger, where the API reports why.
+        moment (priority, tenants' shares, turns, grouping: `shared.ledger.pending`); shares
+        are kept per model. A model no live worker serves gets nothing sent: its jobs wait in
+        the ledger, where the API reports why.
         """
         sent = 0
         self.hold_until = None
@@ -110,7 +120,9 @@ class Dispatcher:
             target = self.settings.queue_chunks_per_worker * serving
             depth = self.ledger.stats.broker_depth(model) if target else 0
             while depth < target:
-                take = self.ledger.take(model, self.settings.max_batch, wait_s=wait_s)
+                take = self.ledger.take(
+                    model, self.settings.max_batch, wait_s=wait_s, weights=self.weights
+                )
                 if take.chunk is None:
                     if take.hold_until is not None:
                         self.hold_until = min(self.hold_until or take.hold_until, take.hold_until)

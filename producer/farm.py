@@ -2,7 +2,8 @@
 (which tenant is calling: `producer.tenants`).
 
 `Farm` also runs the API process's background threads: the dispatcher (one active across the
-farm), the finisher (manifests and webhooks of batches that ended) and the webhook sender.
+farm), the finisher (manifests and webhooks of batches that ended) and the webhook sender, each
+under `producer.loop_health.supervise`, whose pulses `/healthz` reports.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from producer.dispatcher import Dispatcher
 from producer.eta import QueueView
 from producer.finisher import Finisher
+from producer.loop_health import LoopPulse, supervise
 from producer.tenants import OPEN, Caller, Tenants, load_tenants
 from producer.webhooks import WebhookSender
 from shared.celery_app import make_celery
@@ -64,7 +66,11 @@ class Farm:
         self.tenants = tenants if tenants is not None else load_tenants(settings)
         self.redis = connect(settings)
         self.ledger = Ledger(
-            self.redis, status_ttl_s=settings.status_ttl_s, lease_s=settings.lease_s
+            self.redis,
+            status_ttl_s=settings.status_ttl_s,
+            lease_s=settings.lease_s,
+            wait_replicas=settings.redis_wait_replicas,  # WAIT after each submit (0: never)
+            wait_timeout_ms=settings.redis_wait_timeout_ms,
         )
         self.storage: Storage = open_storage(
             settings.storage_url,
@@ -86,7 +92,9 @@ class Farm:
         )
         if self.loras is not None:
             self.loras.refresh()
-        self.dispatcher = Dispatcher(settings, self.ledger, self.celery)
+        self.dispatcher = Dispatcher(
+            settings, self.ledger, self.celery, weights=self.tenants.weights()
+        )
         self.queue = QueueView(self.ledger, settings)
         self.finisher = Finisher(self.ledger, self.storage, settings)
         self.webhooks = WebhookSender(self.ledger, settings)
@@ -96,6 +104,7 @@ class Farm:
         self.dashboard_csp: str | None = None  # built at the first page view (producer.api)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.loops: dict[str, LoopPulse] = {}  # the background loops running, by name
 
     def start(self, *, dispatcher: bool = True, background: bool = True) -> None:
         loops: list[tuple[str, Callable[[threading.Event], None]]] = []
@@ -103,13 +112,18 @@ class Farm:
             loops.append(("dispatcher", self.dispatcher.run))
         if background:
             loops += [("finisher", self.finisher.run), ("webhooks", self.webhooks.run)]
-        for name, loop in loops:
-            thread = threading.Thread(target=loop, args=(self._stop,), name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        for name, loop in loops:  # each under `supervise`, beating its pulse (`/healthz`)
+            pulse = self.loops[name] = LoopPulse(name, self.settings.loop_stall_s)
+            pulse.thread = threading.Thread(
+                target=supervise, args=(loop, pulse), name=name, daemon=True
+            )
+            pulse.thread.start()
+            self._threads.append(pulse.thread)
 
     def stop(self) -> None:
         self._stop.set()
+        for pulse in self.loops.values():
+            pulse.set()
         for thread in self._threads:
             thread.join(timeout=5)
         self.ledger.close()

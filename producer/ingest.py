@@ -10,7 +10,8 @@ validation as a JSON body (`producer.submit`, 422 past `max_prompt_chars` and th
 of ingestion's own threads (`ingest_threads`), apart from the pool the status routes use. So
 nothing of a body that never ends is written, and a burst of submits never starves `/healthz`.
 The caller's tenant limits (`producer.quotas`) apply to both bodies: 422 past its
-`max_jobs_per_batch` or `max_priority`, 429 with `Retry-After` past its `submits_per_minute`.
+`max_jobs_per_batch` or `max_priority`, 429 with `Retry-After` past its `submits_per_minute` or
+`max_queued_jobs`.
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ async def _submit_in_thread(
         native_sizes=farm.native_sizes,
         families=farm.model_families,
         loras=farm.loras,
+        storage=farm.storage,  # base64 init images are stored there (producer.init_refs)
         tenant=options.tenant,
         quota=options.quota,
     )

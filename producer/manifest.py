@@ -1,5 +1,6 @@
 """A batch's manifest: one JSON line per job, in submit order — what was asked and what became of
-it (job id, prompt, params, seed, model hash, object key, state, error).
+it (job id, prompt, params, seed, model hash, object key, format and Content-Type, thumbnail key,
+state, error).
 
 The API streams it (`GET /v1/batches/{id}/manifest`) and the finisher stores the same lines next
 to the images when the batch ends (`{prefix}/{batch_id}/manifest.ndjson`), so the images can be
@@ -13,6 +14,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+from shared.image_formats import FORMATS
 from shared.ledger import JobRecord, Ledger
 from shared.storage import Storage
 
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.ndjson"
 _PARAMS = ("model", "scheduler", "steps", "guidance", "width", "height")
+PNG = FORMATS["png"]
 
 
 def manifest_key(storage: Storage, batch_id: str) -> str:
@@ -33,6 +36,7 @@ def manifest_line(record: JobRecord) -> dict[str, Any]:
     """The manifest entry of one job record (see `producer.schemas.ManifestLine`)."""
     spec = record["spec"]
     result = record.result or {}
+    fmt = FORMATS.get(str(result.get("format") or spec.get("output_format") or "png"), PNG)
     return {
         "job_id": record.job_id,
         "state": record.state,
@@ -44,6 +48,10 @@ def manifest_line(record: JobRecord) -> dict[str, Any]:
         "key": result.get("key"),
         "uri": result.get("uri"),
         "bytes": result.get("bytes"),
+        # What the job asked for until it has an image; a job from before formats is a PNG.
+        "format": fmt.name,
+        "content_type": result.get("content_type") or fmt.mime,
+        "thumbnail_key": result.get("thumbnail_key"),
         "error": record.error,
     }
 

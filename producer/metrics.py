@@ -19,6 +19,10 @@ any API replica answers the same and a restarted API loses nothing:
     sdfarm_worker_lora_downloads{worker}     LoRA files downloaded from an S3 library (gauge)
     sdfarm_worker_lora_download_evictions{worker}  downloaded files deleted to stay within
                                              lora_disk_cache_bytes (gauge)
+    sdfarm_worker_lora_swaps{worker}         LoRAs copied into a compiled U-Net's slots (gauge)
+    sdfarm_worker_lora_slot_fallbacks{worker}  passes whose LoRAs the slots could not hold,
+                                             rendered with set_adapters (gauge)
+    sdfarm_worker_lora_slot_growths{worker}  slots added to more modules, one recompile each (gauge)
     sdfarm_model_workers{model}              live workers that hold the model (gauge)
     sdfarm_model_images_per_second{model}    those workers' images/s, last minute (gauge)
     sdfarm_model_drain_seconds{model}        time to render what waits at that rate; +Inf when
@@ -207,6 +211,9 @@ class FarmCollector:
                 ("lora_evictions", "unloads to stay within lora_cache_bytes"),
                 ("lora_downloads", "files downloaded from an S3 library"),
                 ("lora_download_evictions", "files deleted to stay within lora_disk_cache_bytes"),
+                ("lora_swaps", "copies into a compiled U-Net's slots"),
+                ("lora_slot_fallbacks", "passes the slots could not hold (set_adapters)"),
+                ("lora_slot_growths", "slot additions to more modules (a recompile each)"),
             )
         }
         for worker in workers:

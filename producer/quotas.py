@@ -9,9 +9,13 @@
   a fraction above 1 is rounded down. Only an accepted batch is counted: the count is taken
   after every job is validated, just before the batch is written, so a refused (422) submit
   costs nothing; an early look before the body is read spares a limited tenant's big body.
-- `max_queued_jobs` is NOT enforced yet: the ledger keeps no exact count of a tenant's queued
-  jobs (only submitted and ended ones, and no per-tenant cancels or retries), and a new counter
-  kept by every transition is a step of its own.
+- `max_queued_jobs`: the tenant's jobs not yet final (queued or running) are bounded. A batch
+  that alone is over the limit can never be accepted: a 422. One that would take the count past
+  it waits for the tenant's own jobs to end: a 429 with `Retry-After` (30 s), naming the limit,
+  the count and the batch's size. The ledger keeps the count exactly (`Ledger.open_jobs`): the
+  submit's transaction adds the batch, each job's first final state takes it off, a retry adds
+  it again; the check is made in that same transaction (WATCH), so concurrent submits cannot
+  pass the limit together. A retry (`POST .../retry`) is counted but never refused.
 
 Admins, and every caller of an open farm (no keys), have no tenant limits: only the farm's own
 settings apply to them.
@@ -56,6 +60,24 @@ class Quota:
         return InvalidJob(
             message, [{"job": index, "field": "jobs", "value": size, "message": message}]
         )
+
+    def max_open(self) -> int | None:
+        """The tenant's `max_queued_jobs`, which the ledger checks as it writes the batch."""
+        return self.limits.max_queued_jobs
+
+    def check_queued(self, ledger: Ledger, size: int) -> None:
+        """Refuse a batch of `size` jobs over `max_queued_jobs`: 422 when it alone is, else a
+        look (429) before anything is written; the ledger checks again, atomically."""
+        limit = self.limits.max_queued_jobs
+        if limit is None:
+            return
+        if size > limit:
+            message = (
+                f"tenant {self.tenant!r} may have at most {limit} jobs queued or running (its "
+                f"max_queued_jobs is {limit}), and this batch alone has {size}; split it"
+            )
+            raise InvalidJob(message, [{"field": "jobs", "value": size, "message": message}])
+        ledger.open_jobs.check(self.tenant, size, limit)
 
     def check_priority(self, priority: int) -> None:
         """Refuse a priority above the tenant's `max_priority` (422)."""

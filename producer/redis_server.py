@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +60,11 @@ def redis_service(
     appendonly: bool = True,
     host: str = "127.0.0.1",
     password: str | None = None,
+    extra_args: Sequence[str] = (),
 ) -> RedisService:
     """A redis-server on 127.0.0.1 with its data and log in `data_dir`, ready when PING answers.
+
+    `extra_args` are more `--option value` pairs (a replica's `--replicaof HOST PORT`).
 
     Not started yet: `start_redis` starts it; `sdfarm up` records it before starting it, so that
     a Ctrl-C at any moment leaves nothing running.
@@ -83,6 +87,7 @@ def redis_service(
     if password:
         # Off loopback, Redis refuses clients without a password (protected mode): give it one.
         argv += ["--requirepass", password]
+    argv += list(extra_args)
 
     def ping() -> bool:
         client = redis.Redis(
@@ -103,8 +108,11 @@ def start_redis(
     timeout_s: float = 30.0,
     host: str = "127.0.0.1",
     password: str | None = None,
+    extra_args: Sequence[str] = (),
 ) -> RedisService:
     """Start a redis-server (see `redis_service`) and wait until it answers PING."""
-    service = redis_service(data_dir, port, appendonly=appendonly, host=host, password=password)
+    service = redis_service(
+        data_dir, port, appendonly=appendonly, host=host, password=password, extra_args=extra_args
+    )
     service.start(timeout_s)
     return service

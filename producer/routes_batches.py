@@ -129,7 +129,9 @@ def list_jobs(
     cursor: Annotated[int, Query(ge=0, le=10**9)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     state: JobState | None = None,
-    presign: Annotated[bool, Query(description="Add a presigned `image_url` (S3).")] = False,
+    presign: Annotated[
+        bool, Query(description="Add presigned `image_url` and `thumbnail_url` (S3).")
+    ] = False,
 ) -> JobsPage:
     """Jobs in submit order. With `state`, a page holds only jobs in that state; it may hold
     fewer than `limit` when many jobs were skipped, and `next_cursor` resumes after them."""
@@ -156,11 +158,13 @@ def list_jobs(
     for record in f.ledger.jobs(ids):
         if record is None:
             continue
-        url = None
+        url = thumb = None
         if presign and record.state is JobState.SUCCEEDED and record.image_key:
             url = f.storage.url(record.image_key, f.settings.presign_expiry_s)
+            thumb_key = (record.result or {}).get("thumbnail_key")
+            thumb = f.storage.url(thumb_key, f.settings.presign_expiry_s) if thumb_key else None
         if state is None or record.state is state:
-            jobs.append(job_public(record, url))
+            jobs.append(job_public(record, url, thumb))
     return JobsPage(jobs=jobs, next_cursor=position if position < total else None)
 
 

@@ -1,4 +1,5 @@
-"""The /v1/jobs and /v1/workers routes: one job, its image, cancelling it; the live workers.
+"""The /v1/jobs and /v1/workers routes: one job, its image and thumbnail, cancelling it; the
+live workers.
 
 A job of another tenant's batch is the same 404 as a missing job (`producer.ownership`); a
 tenant sees every live worker, but among their current jobs only its own.
@@ -16,6 +17,7 @@ from producer.farm import GUARDED, ApiError, CallerDep, FarmDep
 from producer.ownership import check_job, visible_job_ids
 from producer.schemas import JobCancelled, JobPublic, WorkersList, errors, job_public
 from shared.ids import is_job_id
+from shared.image_formats import format_of_key
 from shared.jobs import JobState
 
 __all__ = ["router"]
@@ -40,13 +42,17 @@ def get_job(job_id: str, f: FarmDep, caller: CallerDep) -> JobPublic:
     response_class=Response,
     tags=["jobs"],
     responses={
-        200: {"content": {"image/png": {}}, "description": "The PNG (file:// storage)."},
-        307: {"description": "A presigned URL of the PNG (S3 storage), in `Location`."},
+        200: {
+            "content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}},
+            "description": "The image in its job's format (file:// storage).",
+        },
+        307: {"description": "A presigned URL of the image (S3 storage), in `Location`."},
         **errors(404, 409),
     },
 )
 def get_image(job_id: str, f: FarmDep, caller: CallerDep) -> Response:
-    """The job's PNG: a redirect to a short-lived presigned URL, or the bytes themselves."""
+    """The job's image (PNG, WebP or JPEG, as it asked): a redirect to a short-lived presigned
+    URL, or the bytes themselves."""
     _check_job_id(job_id)
     check_job(f.ledger, caller, job_id)
     record = f.ledger.job(job_id)
@@ -57,7 +63,34 @@ def get_image(job_id: str, f: FarmDep, caller: CallerDep) -> Response:
         )
     url = f.storage.url(key, f.settings.presign_expiry_s)
     if url is None:
-        return Response(f.storage.get(key), media_type="image/png")
+        return Response(f.storage.get(key), media_type=format_of_key(key).mime)
+    return RedirectResponse(url, status_code=307)
+
+
+@router.get(
+    "/v1/jobs/{job_id}/thumbnail",
+    response_class=Response,
+    tags=["jobs"],
+    responses={
+        200: {"content": {"image/webp": {}}, "description": "The WebP thumbnail (file://)."},
+        307: {"description": "A presigned URL of the thumbnail (S3 storage), in `Location`."},
+        **errors(404),
+    },
+)
+def get_thumbnail(job_id: str, f: FarmDep, caller: CallerDep) -> Response:
+    """The job's WebP thumbnail (`thumbnail_px` on its longest side), as `image` serves the
+    image; 404 while it has none (not succeeded yet, or rendered with thumbnails off)."""
+    _check_job_id(job_id)
+    check_job(f.ledger, caller, job_id)
+    record = f.ledger.job(job_id)
+    key = (record.result or {}).get("thumbnail_key")
+    if record.state is not JobState.SUCCEEDED or not key:
+        done = record.state is JobState.SUCCEEDED
+        why = "rendered with thumbnail_px 0" if done else f"it is {record.state}"
+        raise ApiError(404, f"job {job_id} has no thumbnail ({why})")
+    url = f.storage.url(key, f.settings.presign_expiry_s)
+    if url is None:
+        return Response(f.storage.get(key), media_type="image/webp")
     return RedirectResponse(url, status_code=307)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from producer.parameters import job_infotext
 from shared.ledger import BatchRecord, JobRecord
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "JobCancelled",
     "JobPublic",
     "JobsPage",
+    "LoopHealth",
     "ManifestLine",
     "Retried",
     "Submitted",
@@ -108,6 +110,12 @@ class JobPublic(BaseModel):
     image_url: str | None = Field(
         default=None, description="A presigned URL of the image (`presign=true`, S3 storage)."
     )
+    thumbnail_url: str | None = Field(
+        default=None, description="A presigned URL of its WebP thumbnail (`presign=true`, S3)."
+    )
+    infotext: str | None = Field(
+        default=None, description="Once succeeded: its A1111 `parameters` text, to copy."
+    )
     waiting_for: str | None = Field(
         default=None,
         description="Why a queued job does not move, e.g. no live worker holds its model.",
@@ -162,9 +170,21 @@ class WorkersList(BaseModel):
     workers: list[WorkerPublic]
 
 
+class LoopHealth(BaseModel):
+    """One background loop of this API process (`producer.loop_health`)."""
+
+    alive: bool = Field(description="It completed an iteration within `loop_stall_s`.")
+    last_iteration_s_ago: float
+    restarts: int = Field(description="Times it failed and was started again.")
+    last_error: str | None = None
+
+
 class Health(BaseModel):
     ok: bool
     dispatcher_active: bool
+    loops: dict[str, LoopHealth] = Field(
+        default_factory=dict, description="dispatcher, finisher, webhooks: each one's liveness."
+    )
 
 
 class ManifestLine(BaseModel):
@@ -180,6 +200,9 @@ class ManifestLine(BaseModel):
     key: str | None = Field(default=None, description="The image's object key.")
     uri: str | None = None
     bytes: int | None = None
+    format: str = Field(default="png", description="png, webp or jpeg: the key's extension.")
+    content_type: str = Field(default="image/png", description="The image's Content-Type.")
+    thumbnail_key: str | None = Field(default=None, description="Its WebP thumbnail's key.")
     error: str | None = None
 
 
@@ -190,7 +213,7 @@ def _public_spec(spec: dict[str, Any]) -> dict[str, Any]:
     of jobs would cost more than the rest of the response.
     """
     image = spec.get("init_image")
-    if not image or image.startswith("s3://"):
+    if not image or image.startswith(("s3://", "upload:")):  # a reference is shown as it is
         return spec
     digest = hashlib.sha256(image.encode()).hexdigest()[:16]
     return {
@@ -199,7 +222,9 @@ def _public_spec(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def job_public(record: JobRecord, image_url: str | None = None) -> JobPublic:
+def job_public(
+    record: JobRecord, image_url: str | None = None, thumbnail_url: str | None = None
+) -> JobPublic:
     """The public view of a job record from `Ledger.job`."""
     return JobPublic(
         job_id=record.job_id,
@@ -218,6 +243,8 @@ def job_public(record: JobRecord, image_url: str | None = None) -> JobPublic:
         last_error=record.last_error,
         warnings=record.warnings,
         image_url=image_url,
+        thumbnail_url=thumbnail_url,
+        infotext=job_infotext(record),
     )
 
 
@@ -253,7 +280,8 @@ _ERROR_TEXT = {
     "ledger's budget (`ledger_max_bytes`, or Redis's maxmemory less `ledger_headroom`).",
     415: "A body that is neither JSON nor NDJSON.",
     422: "Invalid input; `problems` lists each field, value and allowed range.",
-    429: "Over the tenant's `submits_per_minute`; `Retry-After` says when to try again.",
+    429: "Over the tenant's `submits_per_minute` or `max_queued_jobs`; `Retry-After` says when "
+    "to try again.",
     503: "The job ledger (Redis) or the object store is unavailable; try again.",
     507: "The job ledger's budget has no room for the batch now; nothing of it was written.",
 }

@@ -13,15 +13,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from producer.init_refs import prepare_init_images
 from producer.lora_checks import check_loras
 from producer.quotas import Quota
 from shared.config import Settings
-from shared.errors import InvalidJob, StorageError, StorageRefused
+from shared.errors import InvalidJob
 from shared.ids import new_batch_id
 from shared.jobs import MAX_SEED, JobSpec
 from shared.ledger import DEFAULT_TENANT, Ledger
 from shared.lora_library import LoraLibrary
 from shared.problems import problems_from
+from shared.storage import Storage
 
 __all__ = ["Accepted", "submit_batch", "validate_jobs"]
 
@@ -185,45 +187,6 @@ def _check_refiner(
     return None
 
 
-_MAX_KEYS_CHECKED = 100  # s3:// init images looked up at submit; the worker reports the rest
-
-
-def _check_init_image_keys(specs: list[JobSpec], settings: Settings) -> None:
-    """Refuse s3:// init images that the farm's store does not hold (the first 100 keys)."""
-    refs: dict[str, int] = {}
-    for index, spec in enumerate(specs):
-        if spec.init_image is not None and spec.init_image.startswith("s3://"):
-            refs.setdefault(spec.init_image, index)
-    if not refs:
-        return
-    if not settings.storage_url.startswith("s3://"):
-        index = next(iter(refs.values()))
-        raise InvalidJob(
-            f"job {index}, field `init_image`: this farm stores images in {settings.storage_url}, "
-            "not S3; send the image as base64 data",
-            [{"job": index, "field": "init_image", "message": "s3:// keys need S3 storage"}],
-        )
-    from shared.storage import open_storage  # boto3 is only loaded when a job needs it
-
-    storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
-    problems = []
-    for ref, index in list(refs.items())[:_MAX_KEYS_CHECKED]:
-        try:
-            if storage.exists_at(ref):
-                continue
-            why = "no such object"
-        except StorageRefused:
-            why = "the store refuses to show it"
-        except StorageError as e:
-            log.warning("could not check init image %s at submit: %s", ref, e)
-            continue  # the store is failing: the worker reads it later, or says why not
-        message = f"init_image {ref} cannot be read by the farm ({why})"
-        problems.append({"job": index, "field": "init_image", "value": ref, "message": message})
-    if problems:
-        first = problems[0]
-        raise InvalidJob(f"job {first['job']}, field `init_image`: {first['message']}", problems)
-
-
 def submit_batch(
     ledger: Ledger,
     settings: Settings,
@@ -235,13 +198,17 @@ def submit_batch(
     tenant: str = DEFAULT_TENANT,
     quota: Quota | None = None,
     loras: LoraLibrary | None = None,
+    storage: Storage | None = None,
 ) -> Accepted:
     """Validate, then record every job as `queued`; nothing is written if any job is refused,
     or if the batch would take the ledger past its budget (`ledger_max_bytes`).
     The batch belongs to `tenant` (the caller's); its `quota` (None: no tenant limits) is
-    applied here, and its submit rate counted only once every job has passed."""
+    applied here, and its submit rate counted only once every job has passed. Base64 init
+    images are stored in `storage` (opened from the settings when None) and the jobs hold
+    their references (`producer.init_refs`)."""
     specs = validate_jobs(job_dicts, settings, native_sizes, families, quota=quota, loras=loras)
-    _check_init_image_keys(specs, settings)
+    images = prepare_init_images(specs, settings, tenant, storage)
+    specs = images.specs
     batch_id = new_batch_id()
     plan = ledger.plan_batch(batch_id, specs, meta)
     ledger.budget.check(
@@ -251,7 +218,12 @@ def submit_batch(
         headroom=settings.ledger_headroom,
     )  # BatchTooLarge or LedgerFull: nothing is written that cannot be afforded
     if quota is not None:
+        quota.check_queued(ledger, len(specs))  # a look; the commit checks max_queued_jobs again
         quota.check_rate(ledger, take=True)  # after validation: a refused batch costs nothing
-    job_ids = ledger.create_batch(batch_id, specs, meta=meta, tenant=tenant, plan=plan)
+    images.store()  # before the jobs that name them; a batch refused now leaves reusable ones
+    max_open = quota.max_open() if quota is not None else None
+    job_ids = ledger.create_batch(
+        batch_id, specs, meta=meta, tenant=tenant, plan=plan, max_open=max_open
+    )
     log.info("batch %s: %d jobs queued for tenant %s", batch_id, len(job_ids), tenant)
     return Accepted(batch_id=batch_id, job_ids=job_ids)

@@ -20,9 +20,9 @@ Only digests are kept in memory: a presented key is hashed and compared with eve
 constant time. A tenant is defined in one place with one role. A farm with no keys at all is open
 (local development): every caller is tenant `default` with admin rights, as before tenants.
 
-The limits are parsed, checked and kept on each `Tenant`. Submit enforces `max_jobs_per_batch`,
-`max_priority` and `submits_per_minute` (`producer.quotas`); `max_queued_jobs` and `weight` (fair
-share between tenants in the dispatcher) are read by nothing yet. An admin has no tenant limits.
+Submit enforces each `Tenant`'s limits (`producer.quotas`; an admin has none), the dispatcher
+shares the GPUs by `weight` (`Tenants.weights`). A tenant of SDFARM_API_KEYS or SDFARM_ADMIN_KEYS
+weighs 1 with no limits: limits and weights are set in the tenants file.
 """
 
 from __future__ import annotations
@@ -76,15 +76,15 @@ class Role(enum.StrEnum):
 class Limits(BaseModel):
     """A tenant's limits; None means only the farm's own settings apply.
 
-    Submit enforces `max_jobs_per_batch`, `max_priority` and `submits_per_minute`
-    (`producer.quotas`: 422, 422 and 429). `max_queued_jobs` and `weight` are parsed and
-    validated but not enforced yet (no exact per-tenant queued count; no fair share in the
-    dispatcher). A tenant with the admin role is never limited.
+    Submit enforces `max_queued_jobs`, `max_jobs_per_batch`, `max_priority` and
+    `submits_per_minute` (`producer.quotas`: 429 (422 for a batch that alone is over it), 422,
+    422 and 429). `weight` is the tenant's share in the dispatcher, admins' included. A tenant
+    with the admin role is never limited.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Jobs of the tenant's that may wait (queued) at once (not enforced yet).
+    # Jobs of the tenant's not yet final (queued or running) at once.
     max_queued_jobs: int | None = Field(default=None, ge=1)
     # Jobs in one of its batches (below the farm's max_jobs_per_batch).
     max_jobs_per_batch: int | None = Field(default=None, ge=1)
@@ -92,8 +92,8 @@ class Limits(BaseModel):
     max_priority: int | None = Field(default=None, ge=0, le=MAX_PRIORITY)
     # Submissions per minute, in a fixed window (below 1: one submit every 60/rate seconds).
     submits_per_minute: float | None = Field(default=None, gt=0)
-    # Its share of the GPUs against other tenants with work waiting (1 = an equal share; not
-    # enforced yet).
+    # Its share of the GPUs against other tenants with work waiting at the same priority
+    # (1 = an equal share; 2 = twice the jobs of a tenant of weight 1).
     weight: float = Field(default=1.0, gt=0, le=1000)
 
 
@@ -148,6 +148,10 @@ class Tenants:
 
     def names(self) -> list[str]:
         return sorted(self.by_name)
+
+    def weights(self) -> dict[str, float]:
+        """Each tenant's share weight, for the dispatcher (a tenant not listed weighs 1)."""
+        return {name: tenant.limits.weight for name, tenant in self.by_name.items()}
 
     def identify(self, key: str) -> Caller | None:
         """The caller whose key this is, or None. Every digest is compared, in constant time,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -52,11 +52,11 @@ def duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _ended(batch: dict[str, Any]) -> bool:
+def _ended(batch: Mapping[str, Any]) -> bool:
     return bool(sum(batch["counts"][s] for s in FINAL) == batch["total"])
 
 
-def batch_table(batch: dict[str, Any]) -> str:
+def batch_table(batch: Mapping[str, Any]) -> str:
     table = Table(title=f"batch {batch['batch_id']}")
     for column in ("total", *STATES):
         table.add_column(column, justify="right")
@@ -73,7 +73,7 @@ def batch_table(batch: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def batches_table(batches: list[dict[str, Any]]) -> str:
+def batches_table(batches: Sequence[Mapping[str, Any]]) -> str:
     table = Table(title=f"{len(batches)} most recent batches")
     for column in ("batch", "created", "priority", "done", *STATES[1:], "ETA"):
         table.add_column(column)
@@ -90,7 +90,7 @@ def batches_table(batches: list[dict[str, Any]]) -> str:
     return _render(table)
 
 
-def job_text(job: dict[str, Any]) -> str:
+def job_text(job: Mapping[str, Any]) -> str:
     progress = job.get("progress") or {}
     spec = job["spec"]
     step = f"step {progress.get('step', 0)}/{progress.get('steps', '?')}"
@@ -108,7 +108,7 @@ def job_text(job: dict[str, Any]) -> str:
     return printable("\n".join(lines))  # a prompt or an error may hold terminal escapes
 
 
-def workers_table(workers: list[dict[str, Any]]) -> str:
+def workers_table(workers: Sequence[Mapping[str, Any]]) -> str:
     table = Table(title=f"{len(workers)} live workers")
     for column in ("worker", "host", "device", "models", "images", "images/s", "current"):
         table.add_column(column)

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import redis
 
+from producer.loop_health import Backoff
 from producer.webhook_post import Outcome, post
 from shared.callback_urls import redact
 from shared.config import Settings
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Sdfarm-Signature"
 DELIVERY_HEADER = "X-Sdfarm-Delivery"
 _CLAIM_SLACK_S = 30  # a claim outlasts the attempt's deadline by this, so one attempt is never two
-_REDIS_RETRY_S = 1.0  # pause after Redis failed the sender, before it looks again
+_REDIS_RETRY_S = 1.0  # first pause after the sender failed (Redis down), doubling in a row
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -70,11 +71,17 @@ def delivery_id(batch_id: str, event: str) -> str:
     return hashlib.sha256(f"sdfarm-webhook\n{batch_id}\n{event}".encode()).hexdigest()[:32]
 
 
-def enqueue(ledger: Ledger, batch_id: str, url: str, summary: dict[str, Any]) -> str:
-    """Schedule a delivery of `summary` (its `event` names it) to `url` now; returns its id."""
+def enqueue(
+    ledger: Ledger, batch_id: str, url: str, summary: dict[str, Any], *, once_for: str = ""
+) -> str | None:
+    """Schedule a delivery of `summary` (its `event` names it) to `url` now; returns its id.
+
+    With `once_for` (the batch's end), None when that end's delivery was scheduled already.
+    """
     body = json.dumps(summary, separators=(",", ":"))
     fixed_id = delivery_id(batch_id, str(summary["event"]))
-    return ledger.webhooks.enqueue(batch_id, url, body, fixed_id).delivery_id
+    delivery = ledger.webhooks.enqueue(batch_id, url, body, fixed_id, once_for=once_for)
+    return None if delivery is None else delivery.delivery_id
 
 
 class WebhookSender:
@@ -95,6 +102,7 @@ class WebhookSender:
         executor = ThreadPoolExecutor(workers, thread_name_prefix="webhooks")
         asyncio.get_running_loop().set_default_executor(executor)
         in_flight: set[asyncio.Task[None]] = set()
+        backoff = Backoff(_REDIS_RETRY_S)
         # No proxies from the environment (the farm must connect to the address it checked) and
         # no kept connections (one made for a name must not carry a request for another).
         limits = httpx.Limits(max_keepalive_connections=0)
@@ -103,10 +111,15 @@ class WebhookSender:
                 while not stop.is_set():
                     try:
                         started = await self._start_due(http, in_flight)
-                    except redis.RedisError as e:
-                        log.warning("webhook sender: redis unavailable (%s); retrying", e)
-                        await asyncio.sleep(_REDIS_RETRY_S)
+                    except Exception as e:  # the loop goes on whatever failed (habit 15)
+                        wait_s = backoff.next_s()
+                        if isinstance(e, redis.RedisError):
+                            log.warning("webhook sender: redis unavailable (%s); retrying", e)
+                        else:
+                            log.exception("webhook sender: failed unexpectedly; retrying")
+                        await asyncio.sleep(wait_s)
                         continue
+                    backoff.reset()
                     if not started and in_flight:
                         done = asyncio.FIRST_COMPLETED
                         await asyncio.wait(in_flight, timeout=self.poll_s, return_when=done)
@@ -157,7 +170,7 @@ class WebhookSender:
             outcome = Outcome(f"the farm failed to send it ({type(e).__name__})")
         try:
             await asyncio.to_thread(self._settle, delivery, outcome)
-        except redis.RedisError as e:
+        except Exception as e:  # Redis down, or a bug: the claim lapses and it is tried again
             log.warning(
                 "batch %s: webhook outcome not recorded (%s); it is tried again after its claim",
                 delivery.batch_id,

@@ -17,6 +17,7 @@ again what a lost message or a dead worker left behind. Each choice below, and w
   redelivery really happens within about the timeout (this is what the fault suite exercises).
 - `broker_connection_retry_on_startup`, `broker_connection_max_retries = None` and
   `broker_channel_error_retry`: a Redis restart never ends a worker; it reconnects and consumes on.
+  `task_publish_retry_policy`: a send retries for about 9 s before it raises.
   `worker_cancel_long_running_tasks_on_connection_loss = False`: a chunk rendering while the broker
   blinks finishes and reports to the ledger; its message may come again and is then skipped.
 - `task_ignore_result` and no result backend: results live in the ledger, never in Celery.
@@ -27,17 +28,24 @@ again what a lost message or a dead worker left behind. Each choice below, and w
 - Retries are the ledger's business (attempts, leases), never Celery's: the task has
   `max_retries = 0`.
 - JSON serialisation only; a message holds job ids, never specs, so it stays small.
+- Task events on (`worker_send_task_events`, `task_send_sent_event`) and worker heartbeats, so
+  Flower shows tasks and workers. On Redis they are pub/sub messages: nothing is stored when no
+  one listens.
+- With SDFARM_REDIS_SENTINELS the broker is kombu's sentinel transport (`broker_url`): after a
+  failover the worker's reconnect (above) asks the sentinels and consumes from the new master.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from celery import Celery
 
 from shared.config import Settings
+from shared.redis_client import master_auth
 
-__all__ = ["RENDER_CHUNK", "make_celery", "model_queue", "transport_options"]
+__all__ = ["RENDER_CHUNK", "broker_url", "make_celery", "model_queue", "transport_options"]
 
 RENDER_CHUNK = "sdfarm.render_chunk"  # args: (job_ids: list[str],) kwargs: {"model": str}
 
@@ -61,11 +69,39 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         "socket_timeout": settings.redis_socket_timeout_s,
         "socket_connect_timeout": settings.redis_connect_timeout_s,
         "health_check_interval": settings.redis_health_check_interval_s,
+    } | _sentinel_options(settings)
+
+
+def broker_url(settings: Settings) -> str:
+    """SDFARM_REDIS_URL, or with SDFARM_REDIS_SENTINELS kombu's `sentinel://...;sentinel://...`
+    (each with the master's password and database: kombu reads them from the first)."""
+    if not settings.redis_sentinels:
+        return settings.redis_url
+    auth = master_auth(settings)
+    user, password = (quote(auth[k] or "", safe="") for k in ("username", "password"))
+    credentials = f"{user}:{password}@" if user or password else ""
+    return ";".join(
+        f"sentinel://{credentials}{f'[{host}]' if ':' in host else host}:{port}/{auth['db']}"
+        for host, port in settings.redis_sentinels
+    )
+
+
+def _sentinel_options(settings: Settings) -> dict[str, Any]:
+    """kombu's sentinel transport: which master to ask for, and how to reach the sentinels."""
+    if not settings.redis_sentinels:
+        return {}
+    return {
+        "master_name": settings.redis_master,
+        "sentinel_kwargs": {
+            "password": settings.redis_sentinel_password,
+            "socket_timeout": settings.redis_connect_timeout_s,
+            "socket_connect_timeout": settings.redis_connect_timeout_s,
+        },
     }
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("sdfarm", broker=settings.redis_url, set_as_current=False)
+    app = Celery("sdfarm", broker=broker_url(settings), set_as_current=False)
     transport = transport_options(settings)
     app.conf.update(
         task_acks_late=True,
@@ -79,10 +115,20 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         broker_channel_error_retry=True,
+        # A send rides out a Redis restart or a Sentinel failover of a few seconds (about 9 s
+        # in all) before it raises; the dispatcher's loop retries what is left after that.
+        task_publish_retry_policy={
+            "max_retries": 10,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
         worker_soft_shutdown_timeout=settings.shutdown_grace_s,
         worker_enable_soft_shutdown_on_idle=False,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # Task events (received/started/succeeded, and `sent` from the dispatcher) for Flower.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         task_serializer="json",
         accept_content=["json"],
         task_default_queue="sdfarm.default",

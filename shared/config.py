@@ -9,6 +9,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.callback_urls import IPNetwork, parse_networks
+from shared.sentinel_addresses import parse_sentinels
+from shared.speed_settings import SpeedSettings
 
 __all__ = ["Settings", "parse_models"]
 
@@ -29,8 +31,9 @@ def parse_models(text: str) -> dict[str, str]:
     return models
 
 
-class Settings(BaseSettings):
-    """Every knob of the farm. Environment variables use the prefix `SDFARM_`."""
+class Settings(SpeedSettings, BaseSettings):
+    """Every knob of the farm. Environment variables use the prefix `SDFARM_`; the worker's
+    speed levers are declared in shared/speed_settings.py."""
 
     model_config = SettingsConfigDict(env_prefix="SDFARM_", extra="ignore")
 
@@ -109,6 +112,15 @@ class Settings(BaseSettings):
     # TEST HOOK (fault suite only, 0 = off): passes of more rows than this raise
     # torch.cuda.OutOfMemoryError mid-loop, as a GPU that is too small would.
     simulate_oom_above_batch: int = Field(default=0, ge=0)
+    # TEST HOOK (fault suite only, 0 = off): the finisher sleeps this long between storing a
+    # batch's manifest and scheduling its webhook, so a test can kill an API process mid-finish.
+    fault_finish_pause_s: float = Field(default=0.0, ge=0)
+    # A finisher's claim on one ended batch (renewed at each step of its finish); the batch of a
+    # finisher that died is handed to another API process once its claim lapses.
+    finish_lease_s: float = Field(default=30.0, ge=1)
+    # /healthz answers 503 when a background loop (dispatcher, finisher, webhook sender) has not
+    # completed an iteration for this long; each normally completes one every second or so.
+    loop_stall_s: float = Field(default=60.0, gt=0)
     # The LoRA library: a folder of `.safetensors` LoRAs, or `s3://bucket/prefix` (read with the
     # S3 settings above), each named by its file's stem (shared/lora_library.py, lora_s3.py);
     # unset: jobs may not name LoRAs. The API and every worker read it.
@@ -136,25 +148,21 @@ class Settings(BaseSettings):
     # Chunks whose images wait to be stored while the next chunk renders (worker/output.py):
     # one hides a chunk's PNG encoding and upload behind the next render; more only hold memory.
     output_depth: int = Field(default=1, ge=1, le=8)
-    # Speed levers a worker pulls on each model at start; worker/levers.py says why each is set so.
-    # torch.compile the U-Net and warm it up at start (`sdfarm worker --compile`).
-    compile_unet: bool = False
-    # Sizes (`WxH,...`) the compiled U-Net is warmed up for, at every pass size to max_batch.
-    compile_sizes: str = Field(default="512x512", pattern=r"^\d+x\d+(,\d+x\d+)*$")
-    # Let cuDNN time its convolution algorithms once per shape (a farm sees few shapes).
-    cudnn_benchmark: bool = True
-    # TF32 for float32 matmuls and convolutions: no gain with fp16 weights, and with float32
-    # weights it makes an image depend on its batch-mates by ~10 levels.
-    tf32: bool = False
-    # The VAE decodes in blended tiles above this width or height, so memory stays bounded.
-    vae_tiling_above_px: int = Field(default=1024, ge=64)
-    # Most rows x width x height in one pass; unset: estimated from free GPU memory (no limit
-    # on a CPU). A chunk that does not fit renders in several passes.
-    max_pass_pixels: int | None = Field(default=None, ge=64 * 64)
+    # Every image gets a WebP thumbnail this many pixels on its longest side, stored beside it
+    # (`{prefix}/{batch_id}/thumbs/{job_id}.webp`), made on the output thread; 0: none.
+    thumbnail_px: int = Field(default=256, ge=0, le=2048)
     # Longest accepted prompt, in characters.
     max_prompt_chars: int = Field(default=4000, ge=1)
     # Most jobs in one submitted batch.
     max_jobs_per_batch: int = Field(default=100_000, ge=1)
+    # Largest init image, encoded (an upload, a base64 image, an object a worker reads).
+    init_image_max_bytes: int = Field(default=12_000_000, ge=1024, le=12_000_000)
+    # Most pixels (width x height) an init image's header may claim: more is refused before any
+    # decoding, at the door (422) and in the worker (that job alone fails). At most 4096x4096.
+    init_image_max_pixels: int = Field(default=4096 * 4096, ge=64 * 64, le=4096 * 4096)
+    # s3:// folders jobs may name init images in besides the farm's own uploads
+    # (`s3://bucket/inputs/,...`); any other key is refused at submit. Every tenant may read them.
+    init_image_prefixes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Largest accepted request body (JSON or NDJSON); 100,000 jobs with long prompts fit.
     max_body_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
     # A request body that sends nothing for this long is cut off (408, connection closed): a
@@ -175,6 +183,19 @@ class Settings(BaseSettings):
     # A connection idle this long is PINGed before it is used again, so one that a proxy or a
     # failover dropped silently is replaced instead of failing the next command; 0: never.
     redis_health_check_interval_s: int = Field(default=30, ge=0)
+    # Redis Sentinel (shared/redis_client.py): `host:port,...` of the sentinels that know where
+    # the master is. Set, the ledger and the broker ask them and follow a failover, and
+    # SDFARM_REDIS_URL gives only the master's password and database; unset, it is the Redis.
+    redis_sentinels: Annotated[list[tuple[str, int]], NoDecode] = Field(default_factory=list)
+    # The name the sentinels know the farm's master by (`sentinel monitor NAME ...`).
+    redis_master: str = Field(default="mymaster", min_length=1)
+    # The sentinels' own password (their `requirepass`); None when they have none.
+    redis_sentinel_password: str | None = None
+    # Replicas that must acknowledge a submitted batch (Redis WAIT) before the API answers it;
+    # 0: answer once the master has it. See the README on what asynchronous replication loses.
+    redis_wait_replicas: int = Field(default=0, ge=0, le=16)
+    # How long a submit waits for those acknowledgements before it answers anyway (logged).
+    redis_wait_timeout_ms: int = Field(default=1000, ge=1, le=60_000)
     # Server side: HMAC-SHA256 key that signs webhook bodies; callbacks are refused without one.
     webhook_secret: str | None = None
     # Webhook deliveries tried before giving up (the first try included).
@@ -205,6 +226,24 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _parse_sentinels(cls, value: object) -> object:
+        return parse_sentinels(value) if isinstance(value, str) else value
+
+    @field_validator("init_image_prefixes", mode="before")
+    @classmethod
+    def _parse_prefixes(cls, value: object) -> object:
+        """Each an `s3://bucket/folder/`: a `/` is added, so `inputs` never matches `inputs2/`."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            return value
+        for prefix in value:
+            if not str(prefix).startswith("s3://") or not str(prefix)[5:].partition("/")[0]:
+                raise ValueError(f"init_image_prefixes: {prefix!r} is not s3://bucket/folder/")
+        return [str(prefix).rstrip("/") + "/" for prefix in value]
 
     @field_validator("webhook_allow_networks", mode="before")
     @classmethod

@@ -12,7 +12,7 @@
     ├── ServiceStartError     (permanent)  a local service (Redis, SeaweedFS...) did not come up
     ├── RenderCancelled       (permanent)  the job was cancelled while it rendered
     ├── RenderFailed          (permanent)  the sampling loop failed for this job
-    ├── RateLimited           (retryable)  a tenant over its submits_per_minute; retry after
+    ├── RateLimited           (retryable)  a tenant over its submit rate or queued jobs; retry after
     ├── LedgerFull            (retryable)  the ledger's budget has no room for the batch now
     ├── StorageError          (retryable)  the object store failed or timed out
     │   └── StorageRefused                 it answered and refused: credentials, permissions, bucket
@@ -124,7 +124,8 @@ class RenderFailed(SdfarmError):
 
 
 class RateLimited(SdfarmError):
-    """A tenant over its submit rate; `retry_after_s` says when the window frees (HTTP 429)."""
+    """A tenant over its submit rate or its `max_queued_jobs`; `retry_after_s` says when to try
+    again (HTTP 429)."""
 
     retryable = True
 

@@ -190,6 +190,17 @@ def _clip_skip(key: str, value: str) -> dict[str, Any]:
     return {} if skip == 1 else {"clip_skip": skip}  # 1 is CLIP's last layer: the default
 
 
+def _choice(name: str, allowed: tuple[str, ...]) -> Callable[[str, str], dict[str, Any]]:
+    """sdfarm's own keys (`Long prompt`, `Prompt syntax`): one of a few words."""
+
+    def read(key: str, value: str) -> dict[str, Any]:
+        if value not in allowed:
+            raise _refuse(key, f"{value!r} is not one of {', '.join(allowed)}")
+        return {name: value}
+
+    return read
+
+
 def _field(name: str, kind: Callable[[str], Any]) -> Callable[[str, str], dict[str, Any]]:
     def read(key: str, value: str) -> dict[str, Any]:
         return {name: _number(key, value, kind)}
@@ -205,4 +216,6 @@ _FIELDS: dict[str, Callable[[str, str], dict[str, Any]]] = {
     "Clip skip": _clip_skip,
     "VAE": _vae,
     "Refiner switch at": _field("refiner_switch_at", float),
+    "Long prompt": _choice("long_prompt", ("truncate", "chunk")),
+    "Prompt syntax": _choice("prompt_syntax", ("a1111", "plain")),
 }

@@ -1,4 +1,4 @@
-"""The job spec, its validation, job states, ids and the compatibility key.
+"""The job spec and its validation (job states: shared/job_states.py, re-exported here).
 
 A job spec is validated once, where it enters (API, CLI, `producer.submit`), and again by the worker
 when it decodes the stored spec; both use these models, so the rules live in one place.
@@ -6,7 +6,6 @@ when it decodes the stored spec; both use these models, so the rules live in one
 
 from __future__ import annotations
 
-import enum
 import re
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,13 +18,10 @@ from pydantic import (
     model_validator,
 )
 
-from shared.init_images import (
-    MAX_INIT_IMAGE_CHARS,
-    S3_REF_RE,
-    image_size,
-    init_image_bytes,
-)
+from shared.image_formats import MAX_JPEG_PROMPT_CHARS, OutputFormatName
+from shared.init_images import MAX_INIT_IMAGE_CHARS, check_init_image
 from shared.job_fields import MAX_LORAS, LoraRef, ModelName, Prompt, finite_number
+from shared.job_states import TERMINAL_STATES, JobState
 from shared.prompt_tags import lora_tags_to_field
 from shared.samplers import SAMPLER_IDS, sampler_help
 
@@ -60,17 +56,6 @@ DEFAULT_AESTHETIC_SCORE = 6.0
 DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
-class JobState(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-
-
 class JobSpec(BaseModel):
     """One image to render. Unset `model` and `seed` are filled in at submit, never at render."""
 
@@ -92,7 +77,9 @@ class JobSpec(BaseModel):
     init_image: str | None = Field(
         default=None,
         max_length=MAX_INIT_IMAGE_CHARS,
-        description="img2img: base64 PNG or JPEG data, or an s3://bucket/key the farm can read.",
+        description="img2img: a PNG or JPEG as `upload:TENANT/sha256:HEX` (POST /v1/uploads), "
+        "base64 data (stored at submit; the job keeps its reference), or an s3://bucket/key "
+        "under the farm's uploads or SDFARM_INIT_IMAGE_PREFIXES.",
     )
     strength: float | None = Field(
         default=None,
@@ -160,6 +147,16 @@ class JobSpec(BaseModel):
         description=f"SDXL refiner: the negative prompt's aesthetic score; "
         f"{DEFAULT_NEGATIVE_AESTHETIC_SCORE} when unset.",
     )
+    # How the image is stored (shared/image_formats.py); not part of the compatibility key.
+    output_format: OutputFormatName = Field(
+        default="png", description="png (lossless), webp or jpeg; each carries A1111's parameters."
+    )
+    quality: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="webp or jpeg: 1-100; unset, webp is lossless and jpeg is 90. Not for png.",
+    )
 
     @field_validator(
         "guidance",
@@ -176,17 +173,9 @@ class JobSpec(BaseModel):
     @field_validator("init_image")
     @classmethod
     def _an_image_of_the_job_size(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None or value.startswith("s3://"):
-            if value is not None and not S3_REF_RE.match(value):
-                raise ValueError(f"init_image must look like s3://bucket/key, got {value[:80]!r}")
-            return value
-        size = image_size(init_image_bytes(value))
-        wanted = (info.data.get("width"), info.data.get("height"))
-        if None not in wanted and size != wanted and not info.data.get("resize_init"):
-            raise ValueError(
-                f"init_image is {size[0]}x{size[1]} but the job is {wanted[0]}x{wanted[1]}; "
-                "send an image of the job's size, or set resize_init to have it resized"
-            )
+        if value is not None:
+            size = (info.data.get("width"), info.data.get("height"))
+            check_init_image(value, size, resize=bool(info.data.get("resize_init")))
         return value
 
     @field_validator("strength")
@@ -252,6 +241,26 @@ class JobSpec(BaseModel):
     def _needs_a_refiner(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is not None and info.data.get("refiner") is None:
             raise ValueError(f"{info.field_name} applies only to jobs with a refiner")
+        return value
+
+    @field_validator("output_format")
+    @classmethod
+    def _prompts_fit_the_format(cls, value: str, info: ValidationInfo) -> str:
+        chars = len(info.data.get("prompt", "")) + len(info.data.get("negative_prompt", ""))
+        if value == "jpeg" and chars > MAX_JPEG_PROMPT_CHARS:
+            raise ValueError(
+                f"jpeg holds prompts of at most {MAX_JPEG_PROMPT_CHARS} characters in all (its "
+                f"EXIF is limited to 64 KiB), these have {chars}; use png or webp"
+            )
+        return value
+
+    @field_validator("quality")
+    @classmethod
+    def _quality_needs_a_lossy_format(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("output_format") == "png":  # absent: it failed
+            raise ValueError(
+                f"quality ({value}) applies only to output_format webp or jpeg; png is lossless"
+            )
         return value
 
     @model_validator(mode="after")

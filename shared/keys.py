@@ -44,7 +44,30 @@ class Keys:
         return f"{self.prefix}:batch-pending:{model}:{batch_id}"  # zset compat -> arrival seq
 
     def turns(self, model: str) -> str:
-        return f"{self.prefix}:turns:{model}"  # zset batch id -> priority class * 2^40 + turn
+        # zset batch id -> priority class * 2^40 + turn: one model's turns before they were kept
+        # per tenant; TAKE_CHUNK moves what a farm from before that still holds
+        return f"{self.prefix}:turns:{model}"
+
+    def tenant_turns(self, model: str) -> str:
+        # zset tenant -> its pass (jobs taken / weight): tenants with pending work for a model
+        return f"{self.prefix}:tenant-turns:{model}"
+
+    def batch_turns(self, model: str, tenant: str) -> str:
+        # zset batch id -> priority class * 2^40 + turn: one tenant's batches waiting for a model
+        return f"{self.prefix}:batch-turns:{model}:{tenant}"
+
+    def tenant_pending(self, tenant: str, compat: str) -> str:
+        return f"{self.prefix}:tenant-pending:{tenant}:{compat}"  # zset batch id -> arrival seq
+
+    def tenant_pass(self, model: str) -> str:
+        return f"{self.prefix}:tenant-pass:{model}"  # hash tenant -> pass kept while it has none
+
+    def fair_clock(self, model: str) -> str:
+        return f"{self.prefix}:fair-clock:{model}"  # the pass of the tenant served last
+
+    def tenant_open(self, tenant: str) -> str:
+        # counter: the tenant's jobs not yet final (queued or running), for `max_queued_jobs`
+        return f"{self.prefix}:tenant:{tenant}:open"
 
     def pending_since(self) -> str:
         return f"{self.prefix}:pending-since"  # hash compat -> when its oldest waiting job came
@@ -80,7 +103,15 @@ class Keys:
         return f"{self.prefix}:finished"  # list of batch ids that just ended (TRANSITION pushes)
 
     def finishing(self) -> str:
-        return f"{self.prefix}:finishing"  # list: batch ids whose end is being handled now
+        # list: batch ids a finisher from before finish claims was handling; drained at start
+        return f"{self.prefix}:finishing"
+
+    def finish_claims(self) -> str:
+        # zset batch id -> when its finisher's claim lapses (Redis time): ends being handled now
+        return f"{self.prefix}:finish-claims"
+
+    def finish_owners(self) -> str:
+        return f"{self.prefix}:finish-owners"  # hash batch id -> the finisher holding its claim
 
     def active_batches(self) -> str:
         return f"{self.prefix}:active"  # zset batch id -> created_at, batches not yet ended

@@ -1,20 +1,19 @@
-"""Generation parameters embedded in each PNG: A1111's `parameters` text and a JSON chunk."""
+"""Generation parameters embedded in each image: A1111's `parameters` text and a JSON record
+(a PNG's text chunks, or a WebP's or JPEG's EXIF: shared/image_formats.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
+from shared.image_formats import encode_image_bytes, read_image_metadata
 from shared.jobs import DEFAULT_REFINER_SWITCH_AT, DEFAULT_STRENGTH
 from shared.samplers import SAMPLERS
 
-__all__ = ["SAMPLER_LABELS", "encode_png", "infotext", "read_png_metadata"]
+__all__ = ["SAMPLER_LABELS", "encode_image", "encode_png", "infotext", "read_png_metadata"]
 
 # A1111's names for each sampler, so tools that read `parameters` recognise them.
 SAMPLER_LABELS: dict[str, str] = {s.id: s.label for s in SAMPLERS}
@@ -72,6 +71,11 @@ def infotext(
         settings.append(f"Denoising strength: {strength:g}")
     if (spec.get("clip_skip") or 1) > 1:
         settings.append(f"Clip skip: {spec['clip_skip']}")
+    # sdfarm's own keys, written only when they differ from the job defaults; A1111 ignores them.
+    if spec.get("long_prompt") == "chunk":
+        settings.append("Long prompt: chunk")
+    if spec.get("prompt_syntax") == "plain":
+        settings.append("Prompt syntax: plain")
     if spec.get("refiner"):
         hashed = f" [{refiner_hash}]" if refiner_hash else ""
         switch = spec.get("refiner_switch_at")
@@ -82,21 +86,28 @@ def infotext(
     return "\n".join(lines)
 
 
-def encode_png(
+def encode_png(pixels: Image.Image, spec: dict[str, Any], **kwargs: Any) -> bytes:
+    """`encode_image` as a PNG, whatever the spec's `output_format`."""
+    return encode_image(pixels, spec, output_format="png", **kwargs)
+
+
+def encode_image(
     pixels: Image.Image,
     spec: dict[str, Any],
     *,
     model_name: str,
     model_hash: str | None,
+    output_format: str | None = None,
     extra: dict[str, Any] | None = None,
     refiner_hash: str | None = None,
     extra_params: Sequence[tuple[str, str]] = (),
     vae_hash: str | None = None,
     rng: str | None = "CPU",
 ) -> bytes:
-    """PNG bytes with the `parameters` chunk and an `sdfarm` JSON chunk holding the full spec;
-    `extra_params` are more `Key: value` settings for `parameters` (`infotext`'s `extra`)."""
-    info = PngInfo()
+    """The image in the spec's `output_format` (or `output_format`) and `quality`, with A1111's
+    `parameters` and the JSON record embedded where that format keeps them
+    (shared/image_formats.py): `extra` joins the JSON record, `extra_params` are more
+    `Key: value` settings for `parameters` (`infotext`'s `extra`), the rest are `infotext`'s."""
     text = infotext(
         spec,
         model_name=model_name,
@@ -106,27 +117,24 @@ def encode_png(
         vae_hash=vae_hash,
         rng=rng,
     )
-    info.add_text("parameters", text)
     record = {"spec": _without_image_data(spec), "model_hash": model_hash, **(extra or {})}
     if refiner_hash is not None:
         record["refiner_hash"] = refiner_hash
-    info.add_text("sdfarm", json.dumps(record))
-    out = io.BytesIO()
-    pixels.save(out, format="PNG", pnginfo=info, compress_level=4)
-    return out.getvalue()
+    fmt = output_format or spec.get("output_format") or "png"
+    quality = None if fmt == "png" else spec.get("quality")
+    return encode_image_bytes(pixels, fmt, quality, parameters=text, record=record)
 
 
 def _without_image_data(spec: dict[str, Any]) -> dict[str, Any]:
     """The spec with a base64 init image replaced by its digest: the PNG must not carry it."""
     image = spec.get("init_image")
-    if not image or image.startswith("s3://"):
+    if not image or image.startswith(("s3://", "upload:")):  # a reference names the image
         return spec
     digest = hashlib.sha256(image.encode()).hexdigest()[:16]
     return {**spec, "init_image": f"base64:sha256:{digest} ({len(image)} chars)"}
 
 
 def read_png_metadata(data: bytes) -> dict[str, str]:
-    """The text chunks of a PNG (for tests and `sdfarm fetch`)."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
+    """`parameters` and `sdfarm` of a PNG, WebP or JPEG (a PNG's every text chunk), for tests,
+    `sdfarm fetch` and `--from-png` (shared/image_formats.py reads them)."""
+    return read_image_metadata(data)

@@ -14,6 +14,8 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from shared.callback_urls import redact
+
 __all__ = ["lone_surrogate", "problems_from", "summary"]
 
 _NO_VALUE = frozenset({"missing", "extra_forbidden"})  # no value to show: the field is the news
@@ -33,7 +35,10 @@ def problems_from(
             message = "not valid Unicode text: it holds a lone surrogate (a half of a UTF-16 pair)"
         shown = None
         if error.get("type") not in _NO_VALUE:
-            shown = _shown(error.get("input"))
+            sent = error.get("input")
+            if field is not None and field.endswith("callback_url") and isinstance(sent, str):
+                sent = redact(sent)  # an answer is often logged: no user-info, no query
+            shown = _shown(sent)
             message = f"{message} (got {shown!r})"
         out.append({"field": field, "value": shown, "message": _utf8(message)})
     return out

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from shared.a1111_syntax import PromptSyntaxError, parse_prompt
+
 __all__ = ["LORA_TAG", "lora_tags_to_field", "strip_lora_tags"]
 
 # <kind:name> or <kind:name:weight>; the name has no ':' or '>'.
@@ -42,8 +44,18 @@ def strip_lora_tags(prompt: str) -> tuple[str, list[dict[str, Any]]]:
 
 
 def lora_tags_to_field(data: dict[str, Any]) -> dict[str, Any]:
-    """A job's fields with its prompt's LoRA tags moved into `loras` (after any it names)."""
+    """A job's fields with its prompt's LoRA tags moved into `loras` (after any it names).
+
+    The prompts are read with A1111's syntax here too, so a prompt the worker could not read,
+    `(cat:1.2.3)`, is refused at submit instead of failing its job on a GPU."""
     prompt, negative = data.get("prompt"), data.get("negative_prompt")
+    for what, text in (("prompt", prompt), ("negative prompt", negative)):
+        if isinstance(text, str):
+            try:
+                parse_prompt(text)
+            except PromptSyntaxError as e:
+                hint = 'escape brackets as \\( \\) or send prompt_syntax "plain"'
+                raise ValueError(f"the {what} does not read as A1111 syntax: {e}; {hint}") from e
     if isinstance(negative, str) and _TAG.search(negative):
         raise ValueError("the negative prompt may not hold <lora:...> tags; A1111 reads them "
                          "from the prompt only")  # fmt: skip

@@ -127,15 +127,19 @@ class S3Storage:
     def exists(self, key: str) -> bool:
         return self.exists_at(self.describe(key))
 
-    def get_at(self, address: str) -> bytes | None:
+    def get_at(self, address: str, *, max_bytes: int | None = None) -> bytes | None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, key = _bucket_and_key(address)
+        # A bounded read asks for one byte more than allowed: enough to tell "too big".
+        span = {} if max_bytes is None else {"Range": f"bytes=0-{max_bytes}"}
         try:
-            body: bytes = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            body: bytes = self.client.get_object(Bucket=bucket, Key=key, **span)["Body"].read()
         except (BotoCoreError, ClientError) as e:
             if is_missing(e):
                 return None
+            if span and _error_code(e) == "InvalidRange":  # an empty object has no byte 0
+                return b""
             raise _s3_error(f"could not read {address}", e) from e
         return body
 

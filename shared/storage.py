@@ -49,8 +49,9 @@ class Storage(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
-    def get_at(self, address: str) -> bytes | None:
-        """The object at a full address, or None when there is none."""
+    def get_at(self, address: str, *, max_bytes: int | None = None) -> bytes | None:
+        """The object at a full address, or None when there is none; with `max_bytes`, no more
+        than `max_bytes + 1` of its bytes, so a caller sees one too big without reading it all."""
         ...
 
     def exists_at(self, address: str) -> bool: ...
@@ -104,9 +105,17 @@ class FileStorage:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def get_at(self, address: str) -> bytes | None:
+    def get_at(self, address: str, *, max_bytes: int | None = None) -> bytes | None:
         key = self._key_of(address)
-        return self.get(key) if self.exists(key) else None
+        if not self.exists(key):
+            return None
+        if max_bytes is None:
+            return self.get(key)
+        try:
+            with self._path(key).open("rb") as handle:
+                return handle.read(max_bytes + 1)
+        except OSError as e:
+            raise StorageError(f"could not read {key}: {e}") from e
 
     def exists_at(self, address: str) -> bool:
         return self.exists(self._key_of(address))

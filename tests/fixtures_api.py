@@ -71,7 +71,12 @@ class Api:
             fields = {"error": fail, "reason": reason.value}
             self.ledger.force(job_id, [JobState.RUNNING], JobState.FAILED, fields)
             return
-        result = {"key": f"x/{job_id}.png", "uri": f"s3://b/x/{job_id}.png", "bytes": 10}
+        result = {
+            "key": f"x/{job_id}.png",
+            "uri": f"s3://b/x/{job_id}.png",
+            "bytes": 10,
+            "thumbnail_key": f"x/thumbs/{job_id}.webp",  # as a worker with thumbnails on writes
+        }
         timings = {"text_encoder": 0.0, "unet": seconds, "vae": 0.0, "batch_rows": 1}
         self.ledger.force(
             job_id, [JobState.RUNNING], JobState.SUCCEEDED, {"result": result, "timings": timings}

@@ -85,6 +85,8 @@ def farm_env(
         "SDFARM_S3_ENDPOINT_URL": s3_service.endpoint_url,
         "SDFARM_MODELS": f"tiny={tiny_model_dir}",
         "SDFARM_LEASE_S": "10",
+        # Tests put operator-provided init images here (jobs may name no other s3:// keys).
+        "SDFARM_INIT_IMAGE_PREFIXES": f"s3://{s3_service.bucket}/inputs/",
         "SDFARM_WORKER_TTL_S": "6",
         "OMP_NUM_THREADS": "1",  # several worker processes share 2 cores: one thread each
         "AWS_ACCESS_KEY_ID": s3_service.access_key,
@@ -100,6 +102,7 @@ def farm_env(
         models={"tiny": str(tiny_model_dir)},
         lease_s=10,
         worker_ttl_s=6,
+        init_image_prefixes=[env["SDFARM_INIT_IMAGE_PREFIXES"]],
     )
     farm = FarmEnv(settings=settings, env=env, log_dir=tmp_path / "logs")
     yield farm

@@ -22,11 +22,11 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTextModel
 
+from shared.a1111_syntax import BREAK, Break, Piece, PromptSyntaxError, parse_prompt
 from shared.errors import InvalidJob
 from shared.jobs import JobSpec
 from tests.reporting import difference_report
 from tests.test_samplers import PIXEL_TOLERANCE, STEPS, difference, diffusers_image
-from worker.a1111_syntax import BREAK, Break, Piece, PromptSyntaxError, parse_prompt
 from worker.models import LoadedModel, load_model
 from worker.prompt_chunks import a1111_chunks
 from worker.prompts import EncodedRow, encode_rows

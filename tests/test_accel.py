@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 
 from shared.config import Settings
-from worker.levers import Levers
+from worker.levers import Levers, apply_levers
 from worker.models import LoadedModel, load_model
-from worker.passes import render_in_passes, rows_per_pass
+from worker.passes import render_in_passes, rows_per_pass, warm_up
 from worker.sampler import PassParams, Row, render_pass
 
 PARAMS = PassParams(steps=3, width=64, height=64)
@@ -45,6 +48,7 @@ def test_a_chunk_too_big_for_one_pass_renders_in_several_with_the_same_images(
     # And each image is its own seed's, whatever pass it was in (within float noise)
     assert len(split.images) == 5
     for a, b in zip(split.images, whole.images, strict=True):
+        assert a is not None and b is not None
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
 
@@ -71,3 +75,67 @@ def test_levers_come_from_settings() -> None:
 def test_a_malformed_compile_size_is_refused_naming_the_setting() -> None:
     with pytest.raises(ValidationError, match="compile_sizes"):
         Settings(compile_sizes="512 by 512")
+
+
+def _compiled_tiny(model_dir: Path, **levers: object) -> tuple[LoadedModel, Levers]:
+    """A fresh tiny model with its U-Net compiled by the `eager` backend (traces, in seconds)."""
+    model = load_model("tiny", str(model_dir))
+    chosen = Levers(
+        compile_unet=True, compile_backend="eager", compile_sizes=((64, 64),), warm_up_rows=1,
+        **levers,  # type: ignore[arg-type]
+    )  # fmt: skip
+    apply_levers(model, chosen)
+    return model, chosen
+
+
+def _graphs_compiled() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def test_a_restarted_worker_finds_its_warm_up_in_the_compile_cache_and_says_so(
+    tiny_model: LoadedModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a compile cache folder on a volume, and a worker that warms up into it (cold).
+    # (Eager here: what the folder keeps of Inductor's graphs needs a GPU's compile to show.)
+    cache = tmp_path / "compile-cache"
+    levers = Levers(compile_sizes=((64, 64),), warm_up_rows=1, compile_cache_dir=cache)
+    with caplog.at_level(logging.INFO, logger="worker.passes"):
+        warm_up(tiny_model, levers)
+    assert "compile cache cold at 64x64: compiling, about" in caplog.text
+    assert (cache / "compile-cache.json").is_file()
+
+    # When the worker restarts on the same machine, with the same folder
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="worker.passes"):
+        warm_up(tiny_model, levers)
+
+    # Then its warm-up says it was warm, and how long it took
+    assert "cold" not in caplog.text
+    assert re.search(r"compile warm-up at 64x64 took [\d.]+ s \(compile cache warm\)", caplog.text)
+
+    # While another size, or no folder, is cold again
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="worker.passes"):
+        warm_up(tiny_model, Levers(compile_sizes=((64, 64),), warm_up_rows=1))
+    assert "compile cache not kept: no compile_cache_dir" in caplog.text
+
+
+def test_a_size_that_was_not_warmed_up_runs_eager_instead_of_compiling(
+    tiny_model_dir: Path,
+) -> None:
+    # Given a compiled worker warmed up at 64x64, with compiled graphs for warmed sizes only
+    torch._dynamo.reset()
+    model, levers = _compiled_tiny(tiny_model_dir, compile_only_warm_sizes=True)
+    warm_up(model, levers)
+    graphs = _graphs_compiled()
+    assert graphs > 0
+
+    # When a job of another size comes (128x64), and one of the warmed size
+    odd = render_pass(model, [Row("a fox", "", seed=1, guidance=7.5)], PassParams(2, 128, 64))
+    render_pass(model, [Row("a fox", "", seed=1, guidance=7.5)], PassParams(2, 64, 64))
+
+    # Then no graph was compiled for either (the warmed size reused its own), and the odd size
+    # still rendered, eager
+    assert _graphs_compiled() == graphs
+    assert odd.images[0] is not None and odd.images[0].shape == (64, 128, 3)
+    torch._dynamo.reset()

@@ -5,27 +5,46 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
+from bench.farm_e2e import E2E_FIELDS
 from bench.gpu import count_tflop
+from bench.lever_matrix import LEVERS
 from bench.sd15 import build_sd15
 from bench.sdxl import build_sdxl
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_gpu_benchmark_runs_tiny_on_a_cpu_and_writes_its_json(tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class TinyRun:
+    done: subprocess.CompletedProcess[str]
+    out: Path
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """One run of every part (sampling, lever matrix, farm_e2e) on the tiny SD 1.5, shared by
+    the tests that read it: each part starts processes and compiles, minutes on a shared CPU."""
     # Given no GPU, and the script run as the lead runs it on one (a script, not a module)
+    tmp_path = tmp_path_factory.mktemp("bench-gpu")
     out = tmp_path / "gpu.json"
 
     # When it runs with --tiny on SD 1.5 (a generous budget: this machine's CPUs are shared)
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--model", "sd15",
          "--out", str(out), "--budget-s", "900", "--grace-s", "300"],
-        capture_output=True, text=True, timeout=1200, cwd=tmp_path, check=False,
+        capture_output=True, text=True, timeout=1800, cwd=tmp_path, check=False,
     )  # fmt: skip
+    return TinyRun(done, out)
+
+
+def test_the_gpu_benchmark_runs_tiny_on_a_cpu_and_writes_its_json(tiny_sd15_run: TinyRun) -> None:
+    done, out = tiny_sd15_run.done, tiny_sd15_run.out
 
     # Then it exits cleanly and prints the table
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -52,6 +71,55 @@ def test_the_gpu_benchmark_runs_tiny_on_a_cpu_and_writes_its_json(tmp_path: Path
     assert "extrapolated to 50 steps" in data["method"]
 
 
+def test_the_tiny_run_measures_the_whole_farm_end_to_end_eager_and_compiled(
+    tiny_sd15_run: TinyRun,
+) -> None:
+    # Given the tiny run of every part (the fixture)
+    done = tiny_sd15_run.done
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    e2e = json.loads(tiny_sd15_run.out.read_text())["farm_e2e"]
+
+    # Then the farm rendered the jobs over HTTP, stored in files, on the CPU
+    assert e2e["device"] == "cpu" and e2e["storage"] == "file"
+    assert e2e["jobs"] >= 4 and e2e["diffusers_batched_images_per_s"] > 0
+    # And each worker, eager and compiled, has the issue's fields with real figures
+    for engine in ("eager", "compiled"):
+        result = e2e[engine]
+        assert set(E2E_FIELDS) <= set(result), result
+        assert result["images_per_s"] > 0
+        expected = result["images_per_s"] / e2e["diffusers_batched_images_per_s"]
+        assert abs(result["ratio_to_diffusers_batched"] - expected) < 1e-9
+        assert result["gpu_busy_share"] is None  # no nvidia-smi here
+        assert result["share_of_peak"] is None  # a CPU has no peak to share
+        assert result["ready_s"]["cold"] > 0
+    # And the compiled worker was restarted on its compile cache: ready warm as well
+    assert e2e["compiled"]["ready_s"]["warm"] > 0
+    # And the table printed it
+    assert "farm end to end on cpu" in done.stdout
+
+
+def test_the_tiny_run_measures_each_lever_on_and_off_or_says_why_not(
+    tiny_sd15_run: TinyRun,
+) -> None:
+    # Given the tiny run of every part (the fixture)
+    assert tiny_sd15_run.done.returncode == 0, tiny_sd15_run.done.stderr[-3000:]
+    matrix = json.loads(tiny_sd15_run.out.read_text())["levers"]
+
+    # Then every lever of the matrix was measured on and off, or skipped with its reason
+    measured = {row["lever"] for row in matrix["levers"]}
+    skipped = {row["lever"]: row["why"] for row in matrix["skipped"]}
+    assert measured | set(skipped) == {lever.name for lever in LEVERS}
+    assert not measured & set(skipped)
+    # And those a CPU can run were measured: LMS's table and the compiled VAE
+    assert {"lms_precompute", "compile_vae"} <= measured
+    assert skipped["attention_auto"] == "CUDA only"
+    for row in matrix["levers"]:
+        assert row["images_per_s_off_50"] > 0 and row["images_per_s_on_50"] > 0
+        assert row["gain"] == pytest.approx(row["images_per_s_on_50"] / row["images_per_s_off_50"])
+        assert row["keep"] == (row["gain"] > 1.03)
+    assert "levers at 1 rows" in tiny_sd15_run.done.stdout
+
+
 def test_the_full_size_model_is_sd15_by_its_parameters_and_flops() -> None:
     # Given SD 1.5 built from the configs in bench/sd15.py, on the meta device (shapes only)
     model = build_sd15(torch.device("meta"), torch.float16)
@@ -62,6 +130,7 @@ def test_the_full_size_model_is_sd15_by_its_parameters_and_flops() -> None:
 
     assert millions(model.unet) == 859.5
     assert millions(model.vae) == 83.7
+    assert model.text_encoder is not None
     assert millions(model.text_encoder) == 123.1
     # And an image at 512x512 and 50 steps costs the issue's 83 TFLOP (1.6 a guided step)
     flops = count_tflop(model, 512)

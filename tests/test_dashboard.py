@@ -60,7 +60,7 @@ def test_the_dashboard_shows_images_failures_workers_and_cancels_a_queued_batch(
         gallery = page.locator("#gallery img[data-job-id]")
         expect(gallery).to_have_count(2, timeout=15_000)
         page.wait_for_function(
-            "[...document.querySelectorAll('#gallery img')].every(i => i.naturalWidth === 64)"
+            "() => [...document.querySelectorAll('#gallery img')].every(i => i.naturalWidth === 64)"
         )
         assert {gallery.nth(i).get_attribute("data-job-id") for i in range(2)} == set(
             done["job_ids"]

@@ -241,3 +241,28 @@ def test_a_batch_of_infotexts_names_the_job_and_the_field_it_refuses() -> None:
 def test_a_batch_gives_exactly_one_form_of_jobs() -> None:
     with pytest.raises(InvalidJob, match="`a1111`"):
         BatchCreate(a1111=[BASE], prompts=["a cat"]).job_dicts()
+
+
+@pytest.mark.parametrize(
+    ("fields", "key"),
+    [
+        ({"long_prompt": "chunk"}, "Long prompt: chunk"),
+        ({"prompt_syntax": "plain"}, "Prompt syntax: plain"),
+    ],
+)
+def test_a_job_off_the_defaults_says_so_and_reads_back_the_same(
+    fields: dict[str, str], key: str
+) -> None:
+    spec = JobSpec.model_validate({"prompt": "a (long) fox", "model": "tiny", "seed": 3, **fields})
+    text = infotext(spec.model_dump(), model_name="tiny")
+    assert key in text.splitlines()[-1]
+    assert JobSpec.model_validate(job_from_infotext(text)) == spec
+    plain = infotext(
+        JobSpec.model_validate({"prompt": "x", "seed": 3}).model_dump(), model_name="t"
+    )
+    assert "Long prompt" not in plain and "Prompt syntax" not in plain
+
+
+def test_an_unknown_value_of_an_sdfarm_key_is_refused_by_name() -> None:
+    with pytest.raises(InvalidJob, match=r"Long prompt.*'all' is not one of truncate, chunk"):
+        job_from_infotext(f"{BASE}, Long prompt: all")

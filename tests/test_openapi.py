@@ -23,9 +23,11 @@ def excluded(case: Case) -> list[checks.CheckFunction]:
     A submission has rules JSON Schema cannot state: `defaults` merge into every job, a model
     must be one this farm serves, `strength` needs an `init_image` that decodes to the job's
     size. So a schema-valid body may rightly be refused with 422 naming the rule; every other
-    check (documented status, content type and body, no 500) still runs on it.
+    check (documented status, content type and body, no 500) still runs on it. An upload's body
+    is "binary" to JSON Schema, but only a PNG or JPEG within the farm's bounds is accepted (422
+    naming why otherwise): the same exclusion, for the same reason.
     """
-    if case.operation.label == "POST /v1/batches":
+    if case.operation.label in ("POST /v1/batches", "POST /v1/uploads"):
         return [checks.positive_data_acceptance]
     return []
 

@@ -48,6 +48,7 @@ ID_ROUTES = [
     ("POST", "/v1/batches/{batch_id}/retry", "batch"),
     ("GET", "/v1/jobs/{job_id}", "job"),
     ("GET", "/v1/jobs/{job_id}/image", "job"),
+    ("GET", "/v1/jobs/{job_id}/thumbnail", "job"),
     ("DELETE", "/v1/jobs/{job_id}", "job"),
 ]
 

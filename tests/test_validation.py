@@ -116,3 +116,16 @@ def test_importing_the_api_and_the_client_does_not_import_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_a_prompt_a1111_syntax_cannot_read_is_refused_at_submit(
+    api: httpx.Client, redis_url: str, field: str
+) -> None:
+    response = api.post("/v1/batches", json={"jobs": [{"prompt": "x", field: "a (cat:1.2.3)"}]})
+    assert response.status_code == 422, response.text
+    message = response.json()["problems"][0]["message"]
+    assert "weight '1.2.3' at character 6" in message and 'prompt_syntax "plain"' in message
+    assert _nothing_enqueued(redis_url)
+    plain = {"prompt": "x", field: "a (cat:1.2.3)", "prompt_syntax": "plain"}
+    assert api.post("/v1/batches", json={"jobs": [plain]}).status_code == 201

@@ -115,6 +115,14 @@ def test_a_callback_url_that_is_no_http_url_with_a_host_is_refused_at_submit(
         assert says in response.json()["error"]
 
 
+def test_a_refused_callback_url_is_answered_without_its_credentials_or_query(api: Api) -> None:
+    url = "http://user:secret@hooks.example/?token=hush"
+    response = api.http.post("/v1/batches", json={"prompts": ["a kite"], "callback_url": url})
+    assert response.status_code == 422, response.text
+    assert "secret" not in response.text and "hush" not in response.text
+    assert "http://hooks.example/" in response.json()["problems"][0]["message"]
+
+
 def test_a_bad_stored_callback_url_fails_its_own_delivery_and_others_still_arrive(
     start_api: Callable[..., Api], start_receiver: Callable[..., Receiver]
 ) -> None:

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Sequence
 
 from shared.errors import FailureReason, InvalidJob, StorageError
+from shared.init_images import ImageLimits
 from shared.routing import route_models
 from worker.claim import claim_jobs
 from worker.context import ChunkOutcome, WorkerContext
@@ -66,7 +67,8 @@ def process_chunk(ctx: WorkerContext, job_ids: Sequence[str], model_name: str) -
     try:
         with monitor:
             # 2. Build rows.
-            ready, unreadable = build_rows(claim.jobs, ctx.storage)
+            limits = ImageLimits.of(ctx.settings)  # the bounds submit applied, again
+            ready, unreadable = build_rows(claim.jobs, ctx.storage, limits)
             for bad in unreadable:
                 outcome.add(bad.job.job_id, _unreadable(reporter, bad))
             # 3. Render, with the chunk's LoRAs (all its jobs': the compatibility key holds them).

@@ -22,6 +22,29 @@ Each lever, and why it is set as it is:
   pixels differ slightly from an untiled decode, only at those sizes.
 - **Passes sized to memory** (`worker.passes.rows_per_pass`): a chunk whose rows would not fit
   renders in several passes; each row's noise comes from its own seed, so the images are the same.
+- **Compile cache** (`compile_cache_dir`, worker/compile_cache.py): compiled graphs kept on a
+  volume, so a restarted worker on a machine that compiled before starts warm; the warm-up logs
+  whether it was cold or warm and how long it took. A cold worker still takes no work until it
+  has compiled (it says about how long that will be): compiling on a background thread while
+  serving eager would let a chunk's LoRA activation change the U-Net while dynamo traces it.
+
+Levers not yet measured on a GPU, each a setting and off by default until `bench/gpu.py
+--levers all` (which measures each one on and off, the same jobs, in one run) shows it helps:
+
+- `attention_backend` (worker/attention.py): one SDPA kernel (flash, efficient, cudnn, math), or
+  `auto`, the fastest at the model's attention shape, timed at start. `default`: torch's choice.
+- `vae_slicing`: `on` (today, CUDA only), `auto` (decode whole passes where free memory at start
+  holds the largest pass's decode; sliced where not), `off`.
+- `compile_vae`: the VAE's decoder compiled too (channels-last with `channels_last`, on CUDA).
+- `compile_mode`: torch.compile's mode; `reduce-overhead` and `max-autotune` use CUDA graphs for
+  the fixed shapes a warm worker serves. `compile_backend`: `inductor`; `eager` only traces.
+- `compile_only_warm_sizes` (worker/compiled.py): compiled graphs only for the shapes warmed up;
+  any other size runs eager (the graph-free fallback) instead of compiling while its job waits.
+- `lms_precompute` (worker/lms_table.py): LMS's coefficients tabulated once per schedule, not
+  integrated with scipy on the host at every step; the images are bit for bit the same.
+
+`apply_levers` sets every lever both ways (on, and back off), so one loaded model can be
+measured with each lever in turn.
 """
 
 from __future__ import annotations
@@ -29,6 +52,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,17 +60,26 @@ from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from shared.errors import InvalidJob
+from worker.attention import set_attention_backend
+from worker.compiled import ShapeGate, compile_module
 from worker.models import LoadedModel
+from worker.schedulers import set_host_precompute
 
 if TYPE_CHECKING:
     # Only for the type: bench/gpu.py imports this module where pydantic-settings may be absent.
     from shared.config import Settings
 
-__all__ = ["Levers", "apply_levers", "apply_vae_levers", "parse_sizes"]
+__all__ = ["VAE_BYTES_PER_PIXEL", "Levers", "apply_levers", "apply_vae_levers", "parse_sizes"]
 
 log = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
+# Peak VAE decoder bytes per decoded pixel (one image at a time when sliced): a few full-size
+# 128-channel tensors in fp16, GroupNorm's float32 copies and convolution workspace.
+VAE_BYTES_PER_PIXEL = 6000
+# `vae_slicing=auto` decodes whole passes when the largest one's decode takes at most this share
+# of the memory free at start (the rest is for the U-Net's passes, which rows_per_pass sizes).
+WHOLE_DECODE_SHARE = 0.4
 
 
 @dataclass(frozen=True)
@@ -62,6 +95,14 @@ class Levers:
     warm_up_rows: int = 8  # the largest chunk: settings.max_batch
     vae_tiling_above_px: int = 1024
     max_pass_pixels: int | None = None  # rows x width x height; None: from free GPU memory
+    # Not yet measured on a GPU: off (today's behaviour) until bench/gpu.py --levers shows a gain.
+    attention_backend: str = "default"  # default, auto, flash, efficient, cudnn, math
+    vae_slicing: str = "on"  # on (CUDA only), auto (from free memory), off
+    compile_vae: bool = False
+    compile_mode: str = "default"  # reduce-overhead, max-autotune: CUDA graphs
+    compile_only_warm_sizes: bool = False  # other sizes eager, not compiled while a job waits
+    compile_cache_dir: Path | None = None  # graphs kept across restarts (worker/compile_cache.py)
+    lms_precompute: bool = False  # LMS coefficients once per schedule, not every step
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Levers:
@@ -69,10 +110,18 @@ class Levers:
             cudnn_benchmark=settings.cudnn_benchmark,
             tf32=settings.tf32,
             compile_unet=settings.compile_unet,
+            compile_backend=settings.compile_backend,
             compile_sizes=parse_sizes(settings.compile_sizes),
             warm_up_rows=settings.max_batch,
             vae_tiling_above_px=settings.vae_tiling_above_px,
             max_pass_pixels=settings.max_pass_pixels,
+            attention_backend=settings.attention_backend,
+            vae_slicing=settings.vae_slicing,
+            compile_vae=settings.compile_vae,
+            compile_mode=settings.compile_mode,
+            compile_only_warm_sizes=settings.compile_only_warm_sizes,
+            compile_cache_dir=settings.compile_cache_dir,
+            lms_precompute=settings.lms_precompute,
         )
 
 
@@ -88,7 +137,7 @@ def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def apply_levers(model: LoadedModel, levers: Levers) -> None:
-    """Pull every lever that applies to the model's device; compile the U-Net when asked.
+    """Set every lever that applies to the model's device; compile the U-Net when asked.
 
     Compiling is lazy: the first pass of each shape pays for it, so a worker then warms up
     (`worker.passes.warm_up`) before it takes work.
@@ -97,29 +146,61 @@ def apply_levers(model: LoadedModel, levers: Levers) -> None:
     if cuda:
         torch.backends.cudnn.benchmark = levers.cudnn_benchmark
         _set_tf32(levers.tf32)
+        set_attention_backend(model, levers.attention_backend, levers.warm_up_rows)
+    set_host_precompute(levers.lms_precompute)
     if any(not isinstance(p, AttnProcessor2_0) for p in model.unet.attn_processors.values()):
         log.info("model %s: setting SDPA attention (AttnProcessor2_0)", model.name)
         model.unet.set_attn_processor(AttnProcessor2_0())
-    if cuda and levers.channels_last:
-        model.unet.to(memory_format=torch.channels_last)
+    if cuda:
+        model.unet.to(memory_format=_memory_format(levers))
     apply_vae_levers(model.vae, levers, model.device, model.vae_scale_factor)
+    gate = ShapeGate() if levers.compile_only_warm_sizes else None
     if levers.compile_unet:
-        model.unet.compile(backend=levers.compile_backend)
+        compile_module(model.unet, levers.compile_backend, levers.compile_mode, gate)
+    if levers.compile_vae:
+        compile_module(model.vae.decoder, levers.compile_backend, levers.compile_mode, gate)
 
 
 def apply_vae_levers(
     vae: AutoencoderKL, levers: Levers, device: torch.device, vae_scale_factor: int
 ) -> None:
-    """The VAE's levers (a model's own, or a VAE override of worker/vaes.py): slicing on CUDA,
-    tiling above `vae_tiling_above_px`."""
+    """The VAE's levers (a model's own, or a VAE override of worker/vaes.py): slicing on CUDA
+    (`vae_slicing`), tiling above `vae_tiling_above_px`."""
     if device.type == "cuda":
-        if levers.channels_last:
-            vae.to(memory_format=torch.channels_last)
-        vae.enable_slicing()
+        vae.to(memory_format=_memory_format(levers))
+        if _slice_decodes(vae, levers, device):
+            vae.enable_slicing()
+        else:
+            vae.disable_slicing()
     tile_px = levers.vae_tiling_above_px
     vae.enable_tiling()
     vae.tile_sample_min_size = tile_px
     vae.tile_latent_min_size = tile_px // vae_scale_factor
+
+
+def _memory_format(levers: Levers) -> torch.memory_format:
+    return torch.channels_last if levers.channels_last else torch.contiguous_format
+
+
+def _slice_decodes(vae: AutoencoderKL, levers: Levers, device: torch.device) -> bool:
+    """`vae_slicing`: on, off, or (auto) on only where the largest pass's whole decode would
+    take more than WHOLE_DECODE_SHARE of the memory free now."""
+    if levers.vae_slicing != "auto":
+        return levers.vae_slicing == "on"
+    free, _total = torch.cuda.mem_get_info(device)
+    side = min(max(max(w, h) for w, h in levers.compile_sizes), levers.vae_tiling_above_px)
+    scale = torch.finfo(vae.dtype).bits / 16
+    whole = VAE_BYTES_PER_PIXEL * scale * side * side * levers.warm_up_rows
+    sliced = whole > WHOLE_DECODE_SHARE * free
+    log.info(
+        "VAE slicing auto: a whole decode of %d rows at %d px needs %.1f GiB of %.1f free: %s",
+        levers.warm_up_rows,
+        side,
+        whole / 2**30,
+        free / 2**30,
+        "sliced" if sliced else "whole passes",
+    )
+    return sliced
 
 
 def _set_tf32(enabled: bool) -> None:

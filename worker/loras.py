@@ -15,36 +15,37 @@
    of the job; weight-0 LoRAs are left out, as the compatibility key leaves them out), and
    `disable_lora` for a pass without LoRAs, so it renders as if none had ever been loaded.
 
-With `--compile`, changing the active set changes the adapters' scales, which dynamo guards on;
-README.md ("LoRAs") has the measured cost and why sdfarm accepts it rather than hotswapping.
-Counters (loads, hits, evictions; downloads) go into the worker's heartbeat, then to /metrics.
+With `--compile`, `set_adapters` would recompile the U-Net for every new set and weight (dynamo
+guards on the adapters' scales and on which run). A compiled worker's U-Net therefore gets fixed
+slots first (`LoraCache.prepare`, worker/lora_slots.py): step 3 copies the pass's LoRAs into them
+in place, and the compiled graph never changes. The text encoders are not compiled and keep
+`set_adapters`. A set the slots cannot hold (more LoRAs than slots, a higher rank, DoRA) is
+rendered with `set_adapters`, logged and counted (`lora_slot_fallbacks`).
+Counters (loads, hits, evictions; downloads; slot swaps, fallbacks, growths) go into the worker's
+heartbeat, then to /metrics.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 import time
-import warnings
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
-from diffusers.loaders.lora_base import (
-    disable_lora_for_text_encoder,
-    enable_lora_for_text_encoder,
-    set_adapters_for_text_encoder,
-)
-from diffusers.utils.peft_utils import delete_adapter_layers
 
 from shared.errors import InvalidJob, StorageError
 from shared.lora_library import LoraFile, LoraLibrary, lora_short_hash
+from worker.lora_adapters import (
+    adapter_name,
+    delete_adapter,
+    delete_from,
+    load_adapter,
+    lora_modules,
+    set_active,
+)
 from worker.lora_downloads import LoraDownloads
+from worker.lora_slots import LoraSlots
 from worker.models import LoadedModel
 
 __all__ = ["LoraCache", "LoraSet", "lora_params"]
@@ -71,10 +72,17 @@ class LoraCache:
         library: LoraLibrary | None,
         max_bytes: int,
         downloads: LoraDownloads | None = None,
+        *,
+        slots: int = 0,
+        slot_rank: int = 32,
     ) -> None:
         self.library = library
         self.max_bytes = max_bytes
         self.downloads = downloads  # an S3 library's files on this disk
+        self.slot_count, self.slot_rank = slots, slot_rank  # 0 slots: set_adapters only
+        self._slots: dict[str, LoraSlots] = {}  # by model name: prepared (compiled) U-Nets
+        self._transient: dict[str, list[str]] = {}  # U-Net adapters of a fallback pass, by model
+        self.slot_fallbacks = 0  # passes whose set the slots could not hold
         self._loaded: OrderedDict[tuple[str, str], _Loaded] = OrderedDict()  # (model, LoRA)
         self.loads = 0  # LoRA files loaded into a model
         self.hits = 0  # LoRAs a pass needed that were loaded already
@@ -87,7 +95,28 @@ class LoraCache:
             "lora_hits": self.hits,
             "lora_evictions": self.evictions,
         }
+        if self.slot_count:
+            slots = self._slots.values()
+            counts |= {
+                "lora_swaps": sum(s.swaps for s in slots),
+                "lora_slot_fallbacks": self.slot_fallbacks,
+                "lora_slot_growths": sum(s.growths for s in slots),
+            }
         return counts | (self.downloads.counts() if self.downloads is not None else {})
+
+    def prepare(self, model: LoadedModel) -> None:
+        """Give the model's U-Net its LoRA slots (when this cache has any): before it is
+        compiled, so the compiled graph has them from the start."""
+        if self.library is None or not self.slot_count or model.family == "sdxl-refiner":
+            return  # no LoRAs to switch, or a refiner (LoRAs apply to the base)
+        if model.name not in self._slots:
+            self._slots[model.name] = LoraSlots(model.unet, self.slot_count, self.slot_rank)
+            log.info(
+                "model %s: %d LoRA slots of rank %d in the U-Net",
+                model.name,
+                self.slot_count,
+                self.slot_rank,
+            )
 
     def loaded(self, model: LoadedModel) -> list[str]:
         """The LoRAs loaded into `model`, least recently used first."""
@@ -100,6 +129,8 @@ class LoraCache:
         read."""
         wanted = [(name, weight) for name, weight in loras if weight != 0]
         names = {name for name, _ in wanted}
+        for adapter in self._transient.pop(model.name, []):  # the last pass's fallback
+            delete_from(model.unet, adapter)
         for name, _ in wanted:
             key, found = (model.name, name), self._find(name)
             held = self._loaded.get(key)
@@ -109,16 +140,50 @@ class LoraCache:
                 continue
             if held is not None:  # its S3 object changed since: the new bytes replace it
                 log.info("LoRA %s changed in the library; loading it again", name)
-                _delete(held.model, held.adapter)
+                self._unload(held)
                 del self._loaded[key]
             path, etag = self._fetch(found)
             self._make_room(model, found.size_bytes, keep=names)
             self._loaded[key] = self._load(model, found, path, etag)
             self.loads += 1
         adapters = [(self._loaded[(model.name, name)].adapter, weight) for name, weight in wanted]
-        for module in _lora_modules(model):
-            _set_active(module, adapters)
+        slots = self._slots.get(model.name)
+        for module in lora_modules(model):
+            if module is not model.unet or slots is None:
+                set_active(module, adapters)
+        if slots is not None:
+            self._activate_slots(model, slots, adapters, [name for name, _ in wanted])
         return {name: self._loaded[(model.name, name)].short_hash for name, _ in wanted}
+
+    def _activate_slots(
+        self,
+        model: LoadedModel,
+        slots: LoraSlots,
+        adapters: list[tuple[str, float]],
+        names: list[str],
+    ) -> None:
+        """The U-Net's part of step 3 with slots: fill them; for a set that does not fit, load
+        its U-Net parts again for this pass alone and `set_adapters` them."""
+        misfit = slots.misfit(adapters)
+        if misfit is None:
+            slots.fill(adapters)
+            return
+        self.slot_fallbacks += 1
+        log.warning(
+            "model %s: the LoRA slots cannot hold this pass's set (%s); rendering it with "
+            "set_adapters, which recompiles the U-Net",
+            model.name,
+            misfit,
+        )
+        for name, (adapter, _) in zip(names, adapters, strict=True):
+            path, _ = self._fetch(self._find(name))  # an S3 download may have left the disk
+            try:
+                load_adapter(model, str(path), adapter, unet_only=True)
+            except OSError as e:
+                raise StorageError(f"LoRA {name!r}: cannot read {path} again: {e}") from e
+            self._transient.setdefault(model.name, []).append(adapter)
+        set_active(model.unet, adapters)
+        slots.displaced = True
 
     def _find(self, name: str) -> LoraFile:
         if self.library is None:
@@ -148,23 +213,30 @@ class LoraCache:
                 return
             if model_name == model.name and name in keep:
                 continue  # the pass needs it
-            _delete(entry.model, entry.adapter)
+            self._unload(entry)
             del self._loaded[(model_name, name)]
             held -= entry.size_bytes
             self.evictions += 1
             log.info("LoRA %s unloaded from model %s to make room", name, model_name)
 
+    def _unload(self, entry: _Loaded) -> None:
+        delete_adapter(entry.model, entry.adapter)
+        if (slots := self._slots.get(entry.model.name)) is not None:
+            slots.forget(entry.adapter)
+
     def _load(self, model: LoadedModel, lora: LoraFile, path: Path, etag: str | None) -> _Loaded:
-        adapter = _adapter_name(lora.name)
+        adapter = adapter_name(lora.name)
         started = time.perf_counter()
         try:
-            _load_adapter(model, str(path), adapter)
+            load_adapter(model, str(path), adapter)
             short_hash = lora_short_hash(path)
+            if (slots := self._slots.get(model.name)) is not None:
+                slots.take(adapter)  # its U-Net part leaves the U-Net, for the slots
         except OSError as e:  # the library's disk (a network share) failed: another try may do
-            _delete(model, adapter)
+            delete_adapter(model, adapter)
             raise StorageError(f"LoRA {lora.name!r}: cannot read {path}: {e}") from e
         except Exception as e:  # diffusers' and PEFT's errors for a file that does not fit
-            _delete(model, adapter)
+            delete_adapter(model, adapter)
             raise InvalidJob(
                 f"LoRA {lora.name!r} cannot be loaded into model {model.name!r} "
                 f"({model.family}): {type(e).__name__}: {e}"
@@ -185,71 +257,3 @@ def lora_params(hashes: Mapping[str, str]) -> list[tuple[str, str]]:
     if not hashes:
         return []
     return [("Lora hashes", '"' + ", ".join(f"{n}: {h}" for n, h in hashes.items()) + '"')]
-
-
-def _adapter_name(name: str) -> str:
-    """A PEFT adapter name for a LoRA name: no dots (module dictionaries refuse them), and a
-    short digest so that `a.b` and `a_b` stay apart."""
-    return f"{re.sub(r'[^0-9A-Za-z_]', '_', name)}_{hashlib.sha1(name.encode()).hexdigest()[:6]}"
-
-
-def _load_adapter(model: LoadedModel, path: str, adapter: str) -> None:
-    """What `pipe.load_lora_weights(path, adapter_name=adapter)` does, on the model's modules."""
-    sdxl = model.text_encoder_2 is not None
-    loader = StableDiffusionXLLoraLoaderMixin if sdxl else StableDiffusionLoraLoaderMixin
-    extra = {"unet_config": model.unet.config} if sdxl else {}
-    state_dict, alphas, metadata = loader.lora_state_dict(path, return_lora_metadata=True, **extra)
-    if not all("lora" in key for key in state_dict):
-        raise ValueError("not a LoRA: some of its tensors' names lack 'lora'")
-    common: dict[str, Any] = {"network_alphas": alphas, "adapter_name": adapter}
-    encoders = (("text_encoder", model.text_encoder), ("text_encoder_2", model.text_encoder_2))
-    with warnings.catch_warnings():
-        # PEFT warns that a module gets a second adapter: holding several is the point here.
-        warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
-        loader.load_lora_into_unet(state_dict, unet=model.unet, metadata=metadata, **common)
-        for prefix, encoder in encoders:
-            if encoder is not None:
-                loader.load_lora_into_text_encoder(
-                    state_dict, text_encoder=encoder, prefix=prefix, metadata=metadata, **common
-                )
-
-
-def _lora_modules(model: LoadedModel) -> list[torch.nn.Module]:
-    return [m for m in (model.unet, model.text_encoder, model.text_encoder_2) if m is not None]
-
-
-def _set_active(module: Any, adapters: Sequence[tuple[str, float]]) -> None:
-    """Activate those of `adapters` that `module` holds, at their weights; none: LoRA off."""
-    held = getattr(module, "peft_config", None)
-    if not held:
-        return  # never had an adapter: nothing to switch off
-    present = [(name, weight) for name, weight in adapters if name in held]
-    text = not hasattr(module, "set_adapters")  # transformers' encoders: diffusers' helpers
-    if not present and text:
-        disable_lora_for_text_encoder(module)
-    elif not present:
-        module.disable_lora()
-    if not present:
-        return
-    names, weights = [name for name, _ in present], [weight for _, weight in present]
-    if text:
-        enable_lora_for_text_encoder(module)
-        set_adapters_for_text_encoder(names, module, weights)
-    else:
-        module.enable_lora()
-        module.set_adapters(names, weights)
-
-
-def _delete(model: LoadedModel, adapter: str) -> None:
-    """Remove the adapter from every module of the model that holds it (if any)."""
-    for module in _lora_modules(model):
-        if adapter not in (getattr(module, "peft_config", None) or {}):
-            continue
-        holder: Any = module
-        with warnings.catch_warnings():
-            # PEFT warns when the adapter was active: the next pass sets its own set anyway.
-            warnings.filterwarnings("ignore", "Adapter .* was active which is now deleted")
-            if hasattr(holder, "delete_adapters"):
-                holder.delete_adapters([adapter])
-            else:
-                delete_adapter_layers(holder, adapter)

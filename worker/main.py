@@ -49,6 +49,7 @@ def load_models(
     device: str,
     levers: Levers | None = None,
     embeddings_dir: Path | None = None,
+    loras: LoraCache | None = None,
 ) -> dict[str, LoadedModel]:
     """Load every model before taking work, so a bad path fails the start, not the first job.
 
@@ -64,8 +65,10 @@ def load_models(
         log.info("loading model %s from %s on %s", name, path, device)
         model = load_model(name, path, device=device)
         install_embeddings(model, embeddings)
+        if loras is not None and levers.compile_unet:
+            loras.prepare(model)  # LoRA slots (worker/lora_slots.py), before the U-Net compiles
         apply_levers(model, levers)
-        if levers.compile_unet:
+        if levers.compile_unet or levers.compile_vae:
             warm_up(model, levers)
         loaded[name] = model
     return loaded
@@ -98,8 +101,13 @@ def run_worker(
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     storage = open_storage(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
     check_storage(storage, worker_id)  # before the models: a refusal costs seconds, not minutes
+    loras = _lora_cache(settings)
     loaded = load_models(
-        models, device, Levers.from_settings(settings), embeddings_dir=settings.embeddings_dir
+        models,
+        device,
+        Levers.from_settings(settings),
+        embeddings_dir=settings.embeddings_dir,
+        loras=loras,
     )
     vaes = load_vaes(settings.vaes, device, Levers.from_settings(settings))
     client = connect(settings)
@@ -114,7 +122,7 @@ def run_worker(
         worker_id=worker_id,
         output=output,
         vaes=vaes,
-        loras=_lora_cache(settings),
+        loras=loras,
     )
     stop = threading.Event()
     try:
@@ -137,7 +145,7 @@ def run_worker(
             loglevel=loglevel,
             without_gossip=True,
             without_mingle=True,
-            without_heartbeat=True,
+            without_heartbeat=False,  # worker-heartbeat events: Flower lists the worker
         )
         worker.start()
     finally:
@@ -174,7 +182,14 @@ def _lora_cache(settings: Settings) -> LoraCache:
         list_interval_s=settings.lora_list_interval_s,
     )
     downloads = downloads_for(library, settings.lora_disk_cache_dir, settings.lora_disk_cache_bytes)
-    return LoraCache(library, settings.lora_cache_bytes, downloads)
+    slots = settings.lora_slots if settings.compile_unet else 0  # only a compiled U-Net gains
+    return LoraCache(
+        library,
+        settings.lora_cache_bytes,
+        downloads,
+        slots=slots,
+        slot_rank=settings.lora_slot_rank,
+    )
 
 
 def _heartbeat(ctx: WorkerContext, device: str, stop: threading.Event) -> None:

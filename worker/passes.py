@@ -13,7 +13,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from worker.levers import Levers
+from worker.compile_cache import CompileCache, cache_key, cold_estimate_s
+from worker.compiled import warming
+from worker.levers import VAE_BYTES_PER_PIXEL, Levers
 from worker.models import LoadedModel
 from worker.sampler import PassParams, PassResult, Row, render_pass
 
@@ -35,9 +37,6 @@ UNET_BYTES_PER_PIXEL_ROW = 1600
 # peak memory on an H200 (bench/results/gpu-h200-2026-11-28.json), which grows by 525 bytes a
 # pixel per row from 4 to 8 to 16 rows at 512x512 (eager; compiled, 385).
 UNET_BYTES_PER_PIXEL_ROW_BY_FAMILY = {"sd1": 1100, "sd2": 1100, "sdxl": 700, "sdxl-refiner": 800}
-# Peak VAE decoder bytes per decoded pixel (one image at a time when sliced): a few full-size
-# 128-channel tensors in fp16, GroupNorm's float32 copies and convolution workspace.
-VAE_BYTES_PER_PIXEL = 6000
 # Share of the free GPU memory a pass may plan to use: the allocator fragments, cuDNN's autotuner
 # wants workspace, and another process may hold some.
 MEMORY_HEADROOM = 0.8
@@ -51,28 +50,61 @@ def warm_up(model: LoadedModel, levers: Levers) -> None:
     batch, which guards in diffusers' code bound (U-Net batches 16-63 share one, smaller ones
     another, in diffusers 0.42), so a few compiles cover every size; each size still runs once
     so that shape-specialised kernels and cuDNN's timings are ready before the first job.
+    With `compile_cache_dir`, the graphs come from (and go to) the cache folder: the log says
+    whether this start was warm or cold, and how long the warm-up took.
     """
     if model.family == "sdxl-refiner":
         # A refiner only finishes what a base starts: its first refined chunk compiles it.
         log.info("model %s: an SDXL refiner, not warmed up on its own", model.name)
         return
+    cache = CompileCache.open(levers.compile_cache_dir)
     for width, height in levers.compile_sizes:
-        params = PassParams(steps=2, width=width, height=height)
-        largest = min(levers.warm_up_rows, rows_per_pass(model, params, levers.max_pass_pixels))
-        for rows in dict.fromkeys([largest, 1, *range(2, largest)]):
-            started = time.perf_counter()
-            batch = [
-                Row(prompt="warm-up", negative_prompt="", seed=i, guidance=7.5) for i in range(rows)
-            ]
-            render_pass(model, batch, params)
+        key = cache_key(
+            model.model_hash, device=_device_name(model.device), size=(width, height),
+            rows=levers.warm_up_rows, backend=levers.compile_backend, mode=levers.compile_mode,
+        )  # fmt: skip
+        cold_s = cache.warm_s(key)  # what its cold compile took, if this folder saw one
+        warm = cold_s is not None and cache.folder is not None
+        if warm:
             log.info(
-                "model %s: warmed up at %dx%d, %d rows, in %.1f s",
-                model.name,
-                width,
-                height,
-                rows,
-                time.perf_counter() - started,
-            )
+                "model %s: compile cache warm at %dx%d (compiling took %.0f s the first time)",
+                model.name, width, height, cold_s,
+            )  # fmt: skip
+        else:
+            log.info(
+                "model %s: compile cache cold at %dx%d: compiling, about %.0f s",
+                model.name, width, height, cold_estimate_s(model.family, 1),
+            )  # fmt: skip
+        started = time.perf_counter()
+        with warming():
+            _warm_size(model, levers, width, height)
+        took = time.perf_counter() - started
+        cache.record(key, took, warm=warm)
+        log.info(
+            "model %s: compile warm-up at %dx%d took %.1f s (compile cache %s)",
+            model.name, width, height, took,
+            "warm" if warm else ("cold" if cache.folder else "not kept: no compile_cache_dir"),
+        )  # fmt: skip
+
+
+def _device_name(device: torch.device) -> str:
+    """Compiled kernels are the GPU's own: a cache from another kind of card is cold."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _warm_size(model: LoadedModel, levers: Levers, width: int, height: int) -> None:
+    params = PassParams(steps=2, width=width, height=height)
+    largest = min(levers.warm_up_rows, rows_per_pass(model, params, levers.max_pass_pixels))
+    for rows in dict.fromkeys([largest, 1, *range(2, largest)]):
+        started = time.perf_counter()
+        batch = [
+            Row(prompt="warm-up", negative_prompt="", seed=i, guidance=7.5) for i in range(rows)
+        ]
+        render_pass(model, batch, params)
+        log.info(
+            "model %s: warmed up at %dx%d, %d rows, in %.1f s",
+            model.name, width, height, rows, time.perf_counter() - started,
+        )  # fmt: skip
 
 
 def rows_per_pass(model: LoadedModel, params: PassParams, max_pass_pixels: int | None) -> int:
@@ -93,6 +125,8 @@ def rows_per_pass(model: LoadedModel, params: PassParams, max_pass_pixels: int |
     vae = VAE_BYTES_PER_PIXEL * vae_scale * min(pixels, tile * tile)
     unet_bytes = UNET_BYTES_PER_PIXEL_ROW_BY_FAMILY.get(model.family, UNET_BYTES_PER_PIXEL_ROW)
     per_row = unet_bytes * scale * pixels
+    if not model.vae.use_slicing:  # a whole pass decodes at once: the VAE's peak is per row too
+        per_row, vae = per_row + vae, 0.0
     return max(1, int((free * MEMORY_HEADROOM - vae) // per_row))
 
 

@@ -1,7 +1,7 @@
 """A prompt's text to 75-token chunks, each token with its weight: plain, or as A1111 splits.
 
 Plain text (`prompt_syntax="plain"`) is tokenized whole and cut every 75 tokens, each token of
-weight 1. A1111's syntax (worker/a1111_syntax.py) is tokenized a piece at a time, each token
+weight 1. A1111's syntax (shared/a1111_syntax.py) is tokenized a piece at a time, each token
 carrying its piece's weight, and chunked as A1111's `FrozenCLIPEmbedderWithCustomWords.
 tokenize_line` does: a chunk fills up to 75 tokens; when it is full and the next token is not a
 comma, the tokens after the chunk's last comma move to the next chunk, if that comma is within
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.a1111_syntax import Break, parse_prompt
+from shared.a1111_syntax import Break, parse_prompt
 
 __all__ = ["CHUNK_TOKENS", "COMMA_BACKTRACK", "Chunk", "text_chunks"]
 

@@ -2,7 +2,7 @@
 
 CLIP reads 77 positions: a start token, 75 prompt tokens and an end token (then padding). A
 row's text is read as its `prompt_syntax` says (worker/prompt_chunks.py): "a1111" (the default)
-reads A1111's emphasis, `(word:1.3)`, `[word]` and `BREAK` (worker/a1111_syntax.py) and chunks as
+reads A1111's emphasis, `(word:1.3)`, `[word]` and `BREAK` (shared/a1111_syntax.py) and chunks as
 A1111 does, at the last comma near a chunk's end; "plain" sends the text to CLIP as it is, cut
 every 75 tokens. A longer prompt is never cut silently. With `long_prompt="truncate"` only the
 first chunk is kept and the dropped words are named in a warning that reaches the job record;
@@ -35,8 +35,8 @@ from typing import NamedTuple
 
 import torch
 
+from shared.a1111_syntax import PromptSyntaxError
 from shared.errors import InvalidJob
-from worker.a1111_syntax import PromptSyntaxError
 from worker.models import LoadedModel
 from worker.prompt_chunks import CHUNK_TOKENS, Chunk, text_chunks
 from worker.text_encoders import encode_chunks

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import InvalidJob, RenderFailed
+from shared.image_formats import OUTPUT_FORMATS, format_of_key
 from shared.samplers import sampler_help
 
 __all__ = ["render", "render_parser"]
@@ -68,7 +69,25 @@ def render_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--format",
+        choices=OUTPUT_FORMATS,
+        help="png, webp or jpeg, with A1111's parameters embedded (default: --out's extension, "
+        "else png)",
+    )
+    p.add_argument("--quality", type=int, help="webp or jpeg: 1-100 (webp lossless without it)")
     return p
+
+
+def _format_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The job's `output_format` (and `quality`): --format, else the one --out's extension
+    names (`.webp`, `.jpg`), else png."""
+    suffix = args.out.suffix.lower().lstrip(".")
+    guessed = format_of_key(args.out.name).name if suffix in ("webp", "jpg", "jpeg") else "png"
+    fields: dict[str, Any] = {"output_format": args.format or guessed}
+    if args.quality is not None:
+        fields["quality"] = args.quality
+    return fields
 
 
 def _refiner_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -154,7 +173,7 @@ def render(args: argparse.Namespace) -> int:
 
     from shared.families import read_model_facts
     from shared.jobs import JobSpec
-    from shared.metadata import encode_png
+    from shared.metadata import encode_image
     from shared.problems import problems_from
     from worker.embeddings import ti_hashes_param, used_embeddings
     from worker.rows import pass_params, row_for
@@ -189,11 +208,13 @@ def render(args: argparse.Namespace) -> int:
             vae=Path(args.vae).stem if args.vae is not None else None,
             **img2img,
             **refined,
+            **_format_fields(args),
         )
     except ValidationError as e:
         problems = problems_from(e.errors(include_url=False))
         first = problems[0]
         option = "--" + str(first["field"]).replace(".", "-").replace("_", "-")
+        option = option.replace("--output-format", "--format")
         raise InvalidJob(f"{option}: {first['message']}", problems) from e
     row = row_for(spec)
     embeddings = _embeddings(args)
@@ -212,7 +233,7 @@ def render(args: argparse.Namespace) -> int:
     from PIL import Image
 
     texts = (spec.prompt, spec.negative_prompt)
-    data = encode_png(
+    data = encode_image(
         Image.fromarray(pixels),
         spec.model_dump(),
         model_name=model.name,

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shared.errors import InvalidJob, SdfarmError
+from shared.init_images import DEFAULT_LIMITS, ImageLimits
 from shared.jobs import DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE, JobSpec
 from shared.storage import Storage
 from worker.claim import Claimed
@@ -50,8 +51,11 @@ def pass_params(spec: JobSpec) -> PassParams:
     )
 
 
-def row_for(spec: JobSpec, storage: Storage | None = None) -> Row:
-    """The job's row, its init image read (from `storage` for s3:// keys) and decoded.
+def row_for(
+    spec: JobSpec, storage: Storage | None = None, limits: ImageLimits = DEFAULT_LIMITS
+) -> Row:
+    """The job's row, its init image read (from `storage` for uploads and s3:// keys) within
+    `limits` (the settings' init_image_max_bytes and init_image_max_pixels) and decoded.
 
     Raises InvalidJob when the init image is missing or not usable, StorageError when the store
     fails.
@@ -60,8 +64,10 @@ def row_for(spec: JobSpec, storage: Storage | None = None) -> Row:
         raise InvalidJob("job reached a worker without a seed; seeds are fixed at submit")
     init_image = None
     if spec.init_image is not None:
-        data = read_init_image_bytes(spec.init_image, storage)
-        init_image = load_init_image(data, spec.width, spec.height, resize=spec.resize_init)
+        data = read_init_image_bytes(spec.init_image, storage, limits)
+        init_image = load_init_image(
+            data, spec.width, spec.height, resize=spec.resize_init, limits=limits
+        )
     return Row(
         prompt=spec.prompt,
         negative_prompt=spec.negative_prompt,
@@ -91,12 +97,14 @@ def _original_size(spec: JobSpec) -> tuple[int, int] | None:
     return (spec.original_height or spec.height, spec.original_width or spec.width)
 
 
-def build_rows(jobs: Sequence[Claimed], storage: Storage) -> tuple[list[RowJob], list[Unreadable]]:
+def build_rows(
+    jobs: Sequence[Claimed], storage: Storage, limits: ImageLimits = DEFAULT_LIMITS
+) -> tuple[list[RowJob], list[Unreadable]]:
     """Every job's row; the jobs whose row cannot be built come back apart, with the error."""
     ready, unreadable = [], []
     for job in jobs:
         try:
-            ready.append(RowJob(job, row_for(job.spec, storage)))
+            ready.append(RowJob(job, row_for(job.spec, storage, limits)))
         except SdfarmError as e:
             unreadable.append(Unreadable(job, e))
         except Exception as e:  # a decoder's own error (a decompression bomb...): this job's

@@ -20,10 +20,11 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import DPMSolverSDEScheduler
+from diffusers import DPMSolverSDEScheduler, LMSDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from shared.samplers import SAMPLERS
+from worker.lms_table import install_lms_table
 
 __all__ = [
     "SCHEDULERS",
@@ -31,6 +32,7 @@ __all__ = [
     "img2img_timesteps",
     "make_scheduler",
     "refiner_timesteps",
+    "set_host_precompute",
     "step_kwargs",
 ]
 
@@ -71,12 +73,25 @@ SCHEDULERS: dict[str, SchedulerFactory] = {
 }
 
 
+# The `lms_precompute` lever (worker/levers.py sets it for the process, as it sets cuDNN's flags):
+# LMS's coefficients tabulated once per schedule (worker/lms_table.py) instead of every step.
+_host_precompute = {"lms": False}
+
+
+def set_host_precompute(enabled: bool) -> None:
+    """Turn the `lms_precompute` lever on or off for every scheduler made from now on."""
+    _host_precompute["lms"] = enabled
+
+
 def make_scheduler(name: str, scheduler_config: Mapping[str, Any]) -> SchedulerMixin:
     """A new scheduler called `name`, configured from the model's `scheduler_config`."""
     factory = SCHEDULERS.get(name)
     if factory is None:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
-    return factory(scheduler_config)
+    scheduler = factory(scheduler_config)
+    if _host_precompute["lms"] and isinstance(scheduler, LMSDiscreteScheduler):
+        install_lms_table(scheduler)
+    return scheduler
 
 
 def step_kwargs(

@@ -1,20 +1,16 @@
-// The sdfarm dashboard: polls the API and draws batches, finished images, failures and workers.
-// Plain JavaScript, no build step. The API key is kept in localStorage and sent only in the
+// The sdfarm dashboard: polls the API and draws batches, failures and workers; gallery.js draws
+// the gallery and viewer, chart.js the queue chart. Plain JavaScript, no build step. The API key is kept in localStorage and sent only in the
 // Authorization header. Every user-supplied text (prompts, errors) goes in through textContent,
 // never innerHTML.
 "use strict";
 
 const KEY_STORAGE = "sdfarm.apiKey";
 const POLL_MS = 2000;
-const BATCHES_SHOWN = 20;
-const GALLERY_BATCHES = 6; // newest batches whose images are shown
-const GALLERY_PER_BATCH = 24;
+const BATCHES_SHOWN = 50;
 const FAILURES_PER_BATCH = 5;
 const ARM_MS = 4000; // a cancel button must be clicked twice within this time
 
 const seen = {
-  images: new Map(), // job id -> figure element, so a poll never reloads a thumbnail
-  doneGallery: new Set(), // ended batches whose images are all shown already
   failures: new Map(), // job id -> list item
 };
 
@@ -166,37 +162,6 @@ function drawBatches(batches) {
   box.replaceChildren(...rows);
 }
 
-async function thumbnailSource(job) {
-  if (job.image_url) return job.image_url;
-  // file:// storage has no presigned URLs: fetch the bytes with the key, show them as a blob.
-  const blob = await (await api(`/v1/jobs/${job.job_id}/image`)).blob();
-  return URL.createObjectURL(blob);
-}
-
-async function drawGallery(batches) {
-  const gallery = document.getElementById("gallery");
-  const shown = batches.filter((b) => b.counts.succeeded > 0).slice(0, GALLERY_BATCHES);
-  for (const batch of shown) {
-    if (seen.doneGallery.has(batch.batch_id)) continue;
-    const page = await getJson(`/v1/batches/${batch.batch_id}/jobs?state=succeeded&presign=true`
-      + `&limit=${GALLERY_PER_BATCH}`);
-    for (const job of page.jobs) {
-      if (seen.images.has(job.job_id)) continue;
-      const img = el("img", { alt: job.spec.prompt, title: job.spec.prompt,
-        "data-job-id": job.job_id, loading: "lazy" });
-      const figure = el("figure", {}, img,
-        el("figcaption", { text: `seed ${job.spec.seed} · ${job.spec.prompt}` }));
-      seen.images.set(job.job_id, figure);
-      gallery.prepend(figure);
-      img.src = await thumbnailSource(job);
-    }
-    const ended = batch.counts.queued + batch.counts.running === 0;
-    if (ended && (page.jobs.length >= batch.counts.succeeded || page.next_cursor !== null)) {
-      seen.doneGallery.add(batch.batch_id);
-    }
-  }
-}
-
 async function drawFailures(batches) {
   const list = document.getElementById("failures");
   for (const batch of batches.filter((b) => b.counts.failed > 0).slice(0, GALLERY_BATCHES)) {
@@ -213,6 +178,12 @@ async function drawFailures(batches) {
   }
 }
 
+// A worker's chunk: its first job id and how many more (only the caller's own jobs are listed).
+function currentChunk(jobIds) {
+  if (!jobIds.length) return "idle";
+  return jobIds.length === 1 ? jobIds[0] : `${jobIds[0]} +${jobIds.length - 1}`;
+}
+
 function drawWorkers(workers) {
   const body = document.querySelector("#workers tbody");
   body.replaceChildren(...workers.map((w) => el("tr", { "data-worker-id": w.worker_id },
@@ -221,7 +192,7 @@ function drawWorkers(workers) {
     el("td", { text: (w.models || []).join(", ") }),
     el("td", { text: String(w.images_done) }),
     el("td", { text: w.images_per_s.toFixed(2) }),
-    el("td", { text: String((w.current || []).length) }),
+    el("td", { class: "current", text: currentChunk(w.current || []) }),
   )));
   if (!workers.length) {
     body.append(el("tr", {}, el("td", { colspan: "6", class: "empty", text: "No live workers." })));
@@ -246,9 +217,12 @@ async function refresh() {
       getJson("/v1/workers"),
     ]);
     drawBatches(listing.batches);
+    applyFilter(); // fresh rows come in unfiltered
     drawWorkers(workers.workers);
     await drawGallery(listing.batches);
     await drawFailures(listing.batches);
+    await drawQueue();
+    applyFilter();
     const status = document.getElementById("status");
     status.classList.remove("error");
     status.textContent = `updated ${new Date().toLocaleTimeString()}`;
@@ -259,6 +233,36 @@ async function refresh() {
   }
 }
 
+// State filter and search, over what the page has loaded: a batch matches the search by its id
+// or by the prompt of any of its jobs shown in the gallery or failures; an image, by its job id
+// or prompt.
+function applyFilter() {
+  const state = document.getElementById("state-filter").value;
+  const query = document.getElementById("search").value.trim().toLowerCase();
+  const prompts = new Map(); // batch id -> prompts the page knows
+  for (const job of gallerySeen.jobs.values()) {
+    const list = prompts.get(job.batch_id) || [];
+    list.push(job.spec.prompt.toLowerCase());
+    prompts.set(job.batch_id, list);
+  }
+  const states = new Map(); // batch id -> its state, for the batches listed
+  for (const row of document.querySelectorAll("#batches .batch")) {
+    const id = row.dataset.batchId;
+    states.set(id, row.dataset.state);
+    const found = !query || id.toLowerCase().includes(query)
+      || (prompts.get(id) || []).some((p) => p.includes(query));
+    row.hidden = !(found && (!state || row.dataset.state === state));
+  }
+  for (const [jobId, figure] of gallerySeen.figures) {
+    const job = gallerySeen.jobs.get(jobId);
+    const found = !query || jobId.toLowerCase().includes(query)
+      || job.spec.prompt.toLowerCase().includes(query);
+    figure.hidden = !found || (state !== "" && states.get(job.batch_id) !== state);
+  }
+}
+
+document.getElementById("state-filter").addEventListener("change", applyFilter);
+document.getElementById("search").addEventListener("input", applyFilter);
 document.getElementById("login").addEventListener("submit", (event) => {
   event.preventDefault();
   const input = document.getElementById("api-key");

@@ -5,7 +5,7 @@
 - `scripts`: its Lua scripts, templated from `shared.keys` so key names cannot drift.
 - `pending`: the pending lanes and the dispatch policy's take.
 - `workers`: the worker registry (heartbeats with a TTL); `Ledger.workers`.
-- `loops`: the dispatch lock and the ended-batch lists of the background loops; `Ledger.loops`.
+- `loops`: the dispatch lock, and the ended batches with their finish claims; `Ledger.loops`.
 - `deliveries`: the webhook delivery queue; `Ledger.webhooks`.
 - `idempotency`: `Idempotency-Key` records of submissions; `Ledger.idempotency`.
 - `rates`: each tenant's submits in its current window (`submits_per_minute`); `Ledger.rates`.
@@ -13,6 +13,7 @@
 - `outcomes`: the counters a job's end moves (per state, per failure reason, render times).
 - `submit`: writing a new batch in pipelined slices and one transaction, all of it or none.
 - `budget`: what a batch will take in Redis, and whether the ledger can afford it; `Ledger.budget`.
+- `open_jobs`: each tenant's jobs not yet final, for `max_queued_jobs`; `Ledger.open_jobs`.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from shared.ledger.deliveries import WebhookQueue
 from shared.ledger.idempotency import IdempotencyKeys
 from shared.ledger.leases import Leases
 from shared.ledger.loops import Loops
+from shared.ledger.open_jobs import OpenJobs
 from shared.ledger.outcomes import Outcomes
 from shared.ledger.rates import SubmitRates
 from shared.ledger.records import (
@@ -38,6 +39,7 @@ from shared.ledger.records import (
     unknown_batch,
     unknown_job,
 )
+from shared.ledger.replication import wait_for_replicas
 from shared.ledger.scripts import COMMIT_JOBS, RENEW_LEASES, RETRY_JOBS, TAKE_CHUNK, TRANSITION
 from shared.ledger.stats import Stats
 from shared.ledger.submit import UNCOMMITTED_TTL_S, BatchPlan, plan_batch, write_batch
@@ -67,12 +69,16 @@ class Ledger(Transitions, Leases):
         lease_s: float,
         keys: Keys | None = None,
         uncommitted_ttl_s: int = UNCOMMITTED_TTL_S,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self.redis = client
         self.keys = keys or Keys()
         self.status_ttl_s = status_ttl_s
         self.lease_s = lease_s
         self.uncommitted_ttl_s = uncommitted_ttl_s  # a job record's TTL until its batch commits
+        # Replicas that must hold a batch before create_batch returns (shared/ledger/replication)
+        self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
         self._transition = client.register_script(TRANSITION)
         self._take_chunk = client.register_script(TAKE_CHUNK)
         self._renew = client.register_script(RENEW_LEASES)
@@ -86,6 +92,7 @@ class Ledger(Transitions, Leases):
         self.stats = Stats(client, self.keys)  # counts and depths for /metrics, ETAs, capacity
         self.workers = Workers(client, self.keys)  # the worker registry (heartbeats)
         self.budget = Budget(client, self.keys)  # whether a batch fits the ledger's budget
+        self.open_jobs = OpenJobs(client, self.keys)  # each tenant's jobs not yet final
 
     def close(self) -> None:
         """Close the ledger's connections (the API process's, at shutdown)."""
@@ -108,6 +115,7 @@ class Ledger(Transitions, Leases):
         meta: dict[str, str] | None = None,
         tenant: str = DEFAULT_TENANT,
         plan: BatchPlan | None = None,
+        max_open: int | None = None,
     ) -> list[str]:
         """Write a batch's jobs as `queued`, then make the batch visible and pending in one step
         (`plan`: the same batch from `plan_batch`, so it is not encoded twice).
@@ -116,13 +124,15 @@ class Ledger(Transitions, Leases):
         `tenant`), the batch lists, the pending lists and the jobs' full TTL follow in one
         transaction. A Redis error half way deletes what was written (LedgerFull when Redis is
         out of memory); a crash half way leaves only invisible job records that soon expire.
+        With `max_open`, RateLimited (nothing written) when the tenant's jobs not yet final
+        would pass it (`Ledger.open_jobs`).
         """
         if plan is None:
             plan = plan_batch(batch_id, specs, meta)
         assert plan.batch_id == batch_id and len(plan.job_ids) == len(specs)
         now = repr(self.server_time())  # arrival times feed the batching wait: Redis's clock
         try:
-            return write_batch(
+            job_ids = write_batch(
                 self.redis,
                 self.keys,
                 plan,
@@ -133,10 +143,15 @@ class Ledger(Transitions, Leases):
                 commit_jobs=self._commit_jobs,
                 wake=self.wake,
                 tenant=tenant,
+                max_open=max_open,
             )
         except Exception:
             self.budget.forget()  # what Redis holds is no longer what the budget counted
             raise
+        if self.wait_replicas:
+            wait = self.wait_replicas, self.wait_timeout_ms
+            wait_for_replicas(self.redis, self.keys, batch_id, *wait, ttl_s=self.status_ttl_s)
+        return job_ids
 
     # -- reads ----------------------------------------------------------------------------------
     def job(self, job_id: str) -> JobRecord:

@@ -4,8 +4,10 @@ A member is the delivery itself (JSON: id, batch, URL, body, attempts so far), s
 schedules it and one ZREM ends it. A sender claims a due delivery with a compare-and-set that
 pushes its due time past the attempt, so a sender that dies mid-delivery leaves it to be tried
 again (at least once). A delivery's id is given by its caller (fixed per batch event, so a
-repeat enqueue of the same event is the same delivery to a receiver). The batch record carries
-the outcome (`webhook_state`, `_attempts`, `_error`, `_delivered_at`) for the API to show.
+repeat enqueue of the same event is the same delivery to a receiver), and an enqueue
+`once_for` one end of a batch schedules it only the first time, whichever API process asks.
+The batch record carries the outcome (`webhook_state`, `_attempts`, `_error`,
+`_delivered_at`) for the API to show.
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ end
 return 0
 """
 
+# Schedule a delivery (KEYS: queue, batch; ARGV: member, due, once_for): unless `once_for` is
+# given and a delivery for it was scheduled already (the batch's `webhook_for`).
+_ENQUEUE = """
+if ARGV[3] ~= '' then
+  if redis.call('HGET', KEYS[2], 'webhook_for') == ARGV[3] then return 0 end
+  redis.call('HSET', KEYS[2], 'webhook_for', ARGV[3])
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], 'webhook_state', 'pending', 'webhook_attempts', 0, 'webhook_error', '')
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -57,17 +71,21 @@ class WebhookQueue:
         self.client = client
         self.keys = keys
         self._claim = client.register_script(_CLAIM)
+        self._enqueue = client.register_script(_ENQUEUE)
 
-    def enqueue(self, batch_id: str, url: str, body: str, delivery_id: str) -> Delivery:
-        """Schedule a POST of `body` to `url` now, and mark the batch's webhook pending."""
+    def enqueue(
+        self, batch_id: str, url: str, body: str, delivery_id: str, *, once_for: str = ""
+    ) -> Delivery | None:
+        """Schedule a POST of `body` to `url` now, and mark the batch's webhook pending.
+
+        With `once_for` (the end of the batch it reports, its `finished_at`), only the first
+        enqueue for that end schedules anything; a repeat returns None. A finisher that took
+        over from one that died after scheduling it so sends no second delivery.
+        """
         member = _member(delivery_id, batch_id, url, body, attempts=0)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zadd(self.keys.webhooks(), {member: time.time()})
-        pipe.hset(
-            self.keys.batch(batch_id),
-            mapping={"webhook_state": "pending", "webhook_attempts": 0, "webhook_error": ""},
-        )
-        pipe.execute()
+        keys = [self.keys.webhooks(), self.keys.batch(batch_id)]
+        if not self._enqueue(keys=keys, args=[member, time.time(), once_for]):
+            return None
         return _delivery(member)
 
     def due(self, now: float, limit: int) -> list[Delivery]:

@@ -5,7 +5,7 @@ lost. Every time here is Redis's (`server_time`, or `TIME` inside the scripts).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import redis
 from redis.commands.core import Script
@@ -40,13 +40,21 @@ class Leases:
             model: pending_count(self.redis, self.keys, model) for model in self.pending_models()
         }
 
-    def take(self, model: str, max_batch: int, *, wait_s: float = 0.0) -> Take:
-        """Take the next chunk for `model` by the dispatch policy (`shared.ledger.pending`).
+    def take(
+        self,
+        model: str,
+        max_batch: int,
+        *,
+        wait_s: float = 0.0,
+        weights: Mapping[str, float] | None = None,
+    ) -> Take:
+        """Take the next chunk for `model` by the dispatch policy (`shared.ledger.pending`):
+        tenants by `weights` (a tenant not named weighs 1), then their batches in turn.
 
         A group of fewer than `max_batch` jobs is held until its oldest job has waited `wait_s`;
         the result then says when it is due instead.
         """
-        return take_chunk(self._take_chunk, self.keys, model, max_batch, wait_s)
+        return take_chunk(self._take_chunk, self.keys, model, max_batch, wait_s, weights=weights)
 
     def take_chunk(self, model: str, max_batch: int) -> Chunk | None:
         """Take up to `max_batch` compatible queued jobs for `model` now, holding nothing back."""

@@ -1,17 +1,27 @@
 """Pending work: queued jobs waiting for the dispatcher, and the order it takes them in.
 
-A queued job id sits in one *lane*: a list per (compat key, batch). Three indexes over the lanes
-let one Lua script (`lua/take_chunk.lua`) pick a chunk in O(max_batch + log n):
+A queued job id sits in one *lane*: a list per (compat key, batch). Indexes over the lanes let
+one Lua script (`lua/take_chunk.lua`) pick a chunk in O(tenants * SCAN + max_batch + log n):
 
-- `turns:{model}`, a zset of the batches with pending work for a model, scored
-  `priority class * 2^40 + turn`. The class is `9 - priority`, so priority 9 sorts first; the
-  turn is a global counter, renewed each time a batch is served, so batches of one class take
-  turns (round robin) and a new batch joins at the back of its class.
+- `tenant-turns:{model}`, a zset of the tenants with pending work for a model, scored by their
+  *pass*: the jobs the dispatcher took of theirs, divided by their weight (stride scheduling).
+  The tenant with the lowest pass goes next, so with equal weights tenants alternate, and
+  with weights 3 and 1 one gets three jobs for the other's one. A tenant that joins (again)
+  starts at the pass it left with, or at the *fair clock* (`fair-clock:{model}`, the pass of
+  the tenant served last) when that is later; one kept behind banks one chunk at most.
+- `batch-turns:{model}:{tenant}`, a zset of one tenant's batches with pending work for a model,
+  scored `priority class * 2^40 + turn`. The class is `9 - priority`, so priority 9 sorts
+  first; the turn is a global counter, renewed each time a batch is served, so batches of one
+  class take turns (round robin) and a new batch joins at the back of its class. Across
+  tenants priority comes first too: a tenant goes next only if no other has ready work of a
+  more urgent class (`max_priority` limits who may ask for what).
 - `batch-pending:{model}:{batch}`, a zset of the batch's compat keys by arrival: within a
   batch, the oldest group goes first.
-- `pending:{compat}`, a zset of the batches with jobs of one compat key: after the batch in turn
-  has given its jobs, the chunk is filled with the same key's jobs of other batches, so small
-  submissions arriving together share one GPU pass.
+- `pending:{compat}` (every tenant's) and `tenant-pending:{tenant}:{compat}` (one tenant's),
+  zsets of the batches with jobs of one compat key: after the batch in turn has given its jobs,
+  the chunk is filled with the same key's jobs of the tenant's other batches, then of other
+  tenants' (each pays for its own jobs), so small submissions arriving together share one GPU
+  pass and a tenant's thousand one-job batches make full chunks, each one turn of that tenant.
 
 `pending-since` records when the oldest waiting job of each compat key arrived; a group with
 fewer than `max_batch` jobs is held until `wait_s` after that, then sent as it is.
@@ -95,26 +105,43 @@ def queue_pending(
     priority: int,
     first_seq: int,
     now: str,
+    tenant: str,
 ) -> None:
     """Add a batch's job ids to the pending lanes and indexes (`lanes`: compat -> model, ids).
 
-    `first_seq` starts a run of `len(lanes)` numbers reserved from `Keys.sequence()`.
+    `first_seq` starts a run of `len(lanes)` numbers reserved from `Keys.sequence()`. The
+    tenant joins each model's tenant turns in the commit script (`lua/commit_jobs.lua`).
     """
     for seq, (compat, (model, ids)) in enumerate(lanes.items(), start=first_seq):
         for start in range(0, len(ids), _PUSH_SLICE):
             pipe.rpush(keys.pending_jobs(compat, batch_id), *ids[start : start + _PUSH_SLICE])
         pipe.zadd(keys.batch_pending(model, batch_id), {compat: seq}, nx=True)
         pipe.zadd(keys.pending(compat), {batch_id: seq}, nx=True)
+        pipe.zadd(keys.tenant_pending(tenant, compat), {batch_id: seq}, nx=True)
         pipe.hsetnx(keys.pending_since(), compat, now)
         # NX: a batch with several compat keys keeps the turn its first one gave it.
-        pipe.zadd(keys.turns(model), {batch_id: turn_score(priority, seq)}, nx=True)
+        turns = keys.batch_turns(model, tenant)
+        pipe.zadd(turns, {batch_id: turn_score(priority, seq)}, nx=True)
         pipe.sadd(keys.pending_models(), model)
 
 
-def take_chunk(script: Script, keys: Keys, model: str, max_batch: int, wait_s: float) -> Take:
-    """Run TAKE_CHUNK; go on while it only skipped cancelled ids, so they never stall a model."""
+def take_chunk(
+    script: Script,
+    keys: Keys,
+    model: str,
+    max_batch: int,
+    wait_s: float,
+    *,
+    weights: Mapping[str, float] | None = None,
+) -> Take:
+    """Run TAKE_CHUNK; go on while it only skipped cancelled ids, so they never stall a model.
+
+    `weights`: each tenant's share weight (a tenant not named weighs 1)."""
+    args: list[Any] = [keys.prefix, model, max_batch, wait_s]
+    for tenant, weight in sorted((weights or {}).items()):
+        args += [tenant, repr(float(weight))]
     for _ in range(_SKIP_ROUNDS):
-        out = script(args=[keys.prefix, model, max_batch, wait_s])
+        out = script(args=args)
         compat, due_in, skipped = _s(out[0]), _s(out[1]), int(out[2])
         ids = [_s(v) for v in out[3:]]
         if ids:
@@ -127,11 +154,16 @@ def take_chunk(script: Script, keys: Keys, model: str, max_batch: int, wait_s: f
 
 
 def pending_count(client: redis.Redis, keys: Keys, model: str) -> int:
-    """Jobs waiting in `model`'s lanes, in three round trips whatever their number.
+    """Jobs waiting in `model`'s lanes, in four round trips whatever their number.
 
     Cancelled ids not yet skipped by a take still count, so this can run a little high.
     """
-    batches = [_s(b) for b in client.zrange(keys.turns(model), 0, -1)]
+    tenants = [_s(t) for t in client.zrange(keys.tenant_turns(model), 0, -1)]
+    pipe = client.pipeline(transaction=False)
+    pipe.zrange(keys.turns(model), 0, -1)  # a farm's from before tenants, until moved
+    for tenant in tenants:
+        pipe.zrange(keys.batch_turns(model, tenant), 0, -1)
+    batches = sorted({_s(b) for found in pipe.execute() for b in found})
     if not batches:
         return 0
     pipe = client.pipeline(transaction=False)

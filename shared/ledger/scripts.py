@@ -43,6 +43,12 @@ _LUA_KEYS = (
     "pending",
     "batch_pending",
     "turns",
+    "tenant_turns",
+    "batch_turns",
+    "tenant_pending",
+    "tenant_pass",
+    "fair_clock",
+    "tenant_open",
     "pending_since",
     "pending_models",
     "sequence",
@@ -107,19 +113,18 @@ def _script(body: str) -> str:
 _LUA = Path(__file__).parent / "lua"
 
 
-def _load(name: str, *, with_push_pending: bool = False) -> str:
-    """The script in `lua/{name}.lua`, after the header (and push_pending where it re-queues)."""
-    body = (_LUA / f"{name}.lua").read_text()
-    if with_push_pending:
-        body = (_LUA / "push_pending.lua").read_text() + body
-    return _script(body)
+def _load(name: str, *uses: str) -> str:
+    """The script in `lua/{name}.lua`, after the header and the shared functions it `uses`
+    (`join_tenant` where it adds pending work, `push_pending` where it re-queues)."""
+    parts = [(_LUA / f"{part}.lua").read_text() for part in (*uses, name)]
+    return _script("".join(parts))
 
 
 # Each script's arguments and return value are described at the top of its file.
-TRANSITION = _load("transition", with_push_pending=True)
-TAKE_CHUNK = _load("take_chunk")
+TRANSITION = _load("transition", "join_tenant", "push_pending")
+TAKE_CHUNK = _load("take_chunk", "join_tenant")
 RENEW_LEASES = _load("renew_leases")
-RETRY_JOBS = _load("retry_jobs", with_push_pending=True)
+RETRY_JOBS = _load("retry_jobs", "join_tenant", "push_pending")
 RECORD_OUTCOME = _load("record_outcome")
 SUBMIT_RATE = _load("submit_rate")
-COMMIT_JOBS = _load("commit_jobs")
+COMMIT_JOBS = _load("commit_jobs", "join_tenant")

@@ -8,6 +8,11 @@ before anything is written, so a batch the ledger cannot afford is refused for f
 TTL (`lua/commit_jobs.lua`) follow in one transaction. A batch is never visible without being
 pending, and a write that fails half way deletes the records it wrote; a submit killed half way
 leaves records nothing points at, which expire on their short TTL.
+
+The same transaction adds the batch's jobs to its tenant's count of jobs not yet final
+(`Keys.tenant_open`; TRANSITION takes each one off at its first final state). With `max_open`
+(the tenant's `max_queued_jobs`) the count is WATCHed, checked and raised in that transaction,
+so two submits can never pass the limit together.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import redis
 from redis.client import Pipeline
 from redis.commands.core import Script
 
-from shared.errors import LedgerFull
+from shared.errors import LedgerFull, RateLimited
 from shared.ids import job_id_for
 from shared.jobs import JobSpec, JobState
 from shared.keys import Keys
@@ -31,11 +36,20 @@ from shared.ledger.pending import parse_priority, queue_pending
 from shared.ledger.records import DEFAULT_TENANT, STATES
 from shared.routing import compat_key, route_of
 
-__all__ = ["UNCOMMITTED_TTL_S", "BatchPlan", "plan_batch", "write_batch"]
+__all__ = [
+    "QUEUE_FULL_RETRY_S",
+    "UNCOMMITTED_TTL_S",
+    "BatchPlan",
+    "check_open",
+    "plan_batch",
+    "write_batch",
+]
 
 log = logging.getLogger(__name__)
 
 _SUBMIT_SLICE = 2000  # jobs per pipeline round trip while writing a big batch
+_WATCH_TRIES = 20  # commits tried while other writes move the tenant's open count meanwhile
+QUEUE_FULL_RETRY_S = 30  # Retry-After of a submit over max_queued_jobs: some jobs end by then
 UNCOMMITTED_TTL_S = 600  # a job record's TTL until its batch is committed
 
 
@@ -81,10 +95,12 @@ def write_batch(
     commit_jobs: Script,
     wake: Callable[[Pipeline], None],
     tenant: str = DEFAULT_TENANT,
+    max_open: int | None = None,
 ) -> list[str]:
     """Write the batch as the module says; `now` is its arrival time (Redis's clock). The
     batch records `tenant` and joins that tenant's index in the same transaction. On a Redis
-    error nothing of the batch is kept: LedgerFull when Redis is out of memory, else the error."""
+    error nothing of the batch is kept: LedgerFull when Redis is out of memory, else the error.
+    RateLimited (nothing kept) when the tenant's jobs not yet final would pass `max_open`."""
     batch_id, job_ids = plan.batch_id, plan.job_ids
     priority = parse_priority(meta)  # InvalidJob before anything is written
     tried = 0  # job records that may have been written
@@ -105,7 +121,11 @@ def write_batch(
             commit_jobs=commit_jobs,
             wake=wake,
             tenant=tenant,
+            max_open=max_open,
         )
+    except RateLimited:
+        _forget_jobs(client, keys, job_ids[:tried], batch_id)
+        raise
     except redis.RedisError as e:
         committed = _committed(client, keys, batch_id) if committing else False
         if committed:
@@ -156,6 +176,7 @@ def _commit(
     commit_jobs: Script,
     wake: Callable[[Pipeline], None],
     tenant: str,
+    max_open: int | None,
 ) -> None:
     batch_id, job_ids, total = plan.batch_id, plan.job_ids, len(plan.job_ids)
     by_compat: dict[str, list[str]] = {}
@@ -165,27 +186,82 @@ def _commit(
         models[compat] = route
     # One arrival number per compat key: it orders the batch's groups and gives its turn.
     last_seq = client.incrby(keys.sequence(), len(by_compat))
-    pipe = client.pipeline(transaction=True)
+    first_seq = last_seq - len(by_compat) + 1
+    lanes = {compat: (models[compat], ids) for compat, ids in by_compat.items()}
+    open_key = keys.tenant_open(tenant)
+    with client.pipeline(transaction=True) as pipe:
+        for _ in range(_WATCH_TRIES):
+            try:
+                if max_open is not None:
+                    pipe.watch(open_key)  # type: ignore[no-untyped-call]
+                    check_open(tenant, int(pipe.get(open_key) or 0), total, max_open)
+                    pipe.multi()
+                _queue_commit(
+                    pipe, keys, plan,
+                    meta=meta, priority=priority, now=now, ttl=ttl, commit_jobs=commit_jobs,
+                    tenant=tenant,
+                )  # fmt: skip
+                queue_pending(
+                    pipe, keys, batch_id, lanes,
+                    priority=priority, first_seq=first_seq, now=now, tenant=tenant,
+                )  # fmt: skip
+                wake(pipe)
+                pipe.execute()
+                return
+            except redis.WatchError:
+                continue  # a job of the tenant's ended (or a batch came) meanwhile: look again
+    raise RateLimited(
+        f"tenant {tenant!r} has jobs ending and starting too fast to count its queued jobs "
+        "now; try again in a second",
+        1,
+    )
+
+
+def check_open(tenant: str, open_now: int, total: int, max_open: int) -> None:
+    """Refuse a batch that would take the tenant's jobs not yet final past `max_open`."""
+    if open_now + total <= max_open:
+        return
+    raise RateLimited(
+        f"tenant {tenant!r} may have at most {max_open} jobs queued or running (its "
+        f"max_queued_jobs is {max_open}); it has {open_now} and this batch adds {total}: try "
+        f"again when it has {max_open - total} or fewer, or send a smaller batch",
+        QUEUE_FULL_RETRY_S,
+    )
+
+
+def _queue_commit(
+    pipe: Pipeline,
+    keys: Keys,
+    plan: BatchPlan,
+    *,
+    meta: Mapping[str, str] | None,
+    priority: int,
+    now: str,
+    ttl: int,
+    commit_jobs: Script,
+    tenant: str,
+) -> None:
+    """The commit's commands, queued on `pipe` (the transaction), pending lanes aside."""
+    batch_id, job_ids, total = plan.batch_id, plan.job_ids, len(plan.job_ids)
     batch_key = keys.batch(batch_id)
+    routes = sorted({row[1] for row in plan.rows})
     record: dict[Any, Any] = {"total": total, "created_at": now, **(meta or {})}
-    record |= {"priority": priority, "models": ",".join(sorted(set(models.values())))}
+    record |= {"priority": priority, "models": ",".join(routes)}
     record |= {state: 0 for state in STATES} | {JobState.QUEUED.value: total}
     record["tenant"] = tenant  # after meta: a batch's tenant is the caller's, never an option
+    record["open_counted"] = 1  # in the tenant's open count: TRANSITION takes its jobs off
     pipe.hset(batch_key, mapping=record)
     pipe.expire(batch_key, ttl)
     for start in range(0, total, _SUBMIT_SLICE):
         pipe.rpush(keys.batch_jobs(batch_id), *job_ids[start : start + _SUBMIT_SLICE])
     pipe.expire(keys.batch_jobs(batch_id), ttl)
-    commit_jobs(args=[keys.prefix, batch_id, ttl], client=pipe)  # the jobs' full TTL
+    # the jobs' full TTL, and the tenant's turn for each model
+    commit_jobs(args=[keys.prefix, batch_id, ttl, tenant, *routes], client=pipe)
+    pipe.incrby(keys.tenant_open(tenant), total)
     pipe.zadd(keys.batches(), {batch_id: float(now)})
     pipe.zadd(keys.tenant_batches(tenant), {batch_id: float(now)})  # its own list, same rules
     pipe.hincrby(keys.stats("submitted"), tenant, total)  # jobs submitted, for /metrics
     pipe.zadd(keys.active_batches(), {batch_id: float(now)})  # unfinished, for ETAs
-    lanes = {compat: (models[compat], ids) for compat, ids in by_compat.items()}
-    first_seq = last_seq - len(by_compat) + 1
-    queue_pending(pipe, keys, batch_id, lanes, priority=priority, first_seq=first_seq, now=now)
-    wake(pipe)
-    pipe.execute()
 
 
 def _committed(client: redis.Redis, keys: Keys, batch_id: str) -> bool | None:

@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.faults import infra, work
+from tests.faults import api_processes, infra, redis_full, sentinel, stalled_uploads, tenants, work
 from tests.faults.harness import FULL, SMALL, FaultFarm, Row
 
 SCENARIOS: list[Callable[[FaultFarm], Row]] = [
@@ -32,6 +32,11 @@ SCENARIOS: list[Callable[[FaultFarm], Row]] = [
     work.out_of_memory,
     work.bad_input_while_rendering,
     work.soak,
+    api_processes.kill_api_mid_finish,
+    tenants.hostile_tenant,
+    sentinel.redis_master_failover,
+    redis_full.redis_full_mid_submit,
+    stalled_uploads.stalled_uploads,
 ]
 
 HEADER = ("scenario", "submitted", "succeeded", "failed", "lost", "duplicated", "recovery")

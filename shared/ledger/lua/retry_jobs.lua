@@ -1,6 +1,7 @@
 -- Retry: failed or cancelled jobs go back to `queued` with their original spec and seed. Terminal
 -- states are otherwise final, so this is its own script rather than a TRANSITION: it resets the
--- attempts, clears the last outcome, moves the counters and reopens the batch, all atomically.
+-- attempts, clears the last outcome, moves the counters (the tenant's open jobs too) and reopens
+-- the batch, all atomically.
 -- ARGV: prefix, batch_id, ttl_s, job_id... Returns how many jobs were re-queued.
 -- Uses push_pending (push_pending.lua).
 local batch_id, ttl = ARGV[2], tonumber(ARGV[3])
@@ -25,6 +26,8 @@ for i = 4, #ARGV do
   end
 end
 if moved > 0 then
+  local b = redis.call('HMGET', bk, 'tenant', 'open_counted')
+  if b[2] == '1' then redis.call('INCRBY', K.tenant_open(b[1] or '$DEFAULT_TENANT'), moved) end
   redis.call('HDEL', bk, 'finished_at', 'cancelled_at')
   redis.call('ZADD', K.active_batches(), redis.call('HGET', bk, 'created_at'), batch_id)
   redis.call('EXPIRE', bk, ttl)

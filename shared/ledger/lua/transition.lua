@@ -9,7 +9,8 @@
 --   farm failed, not the job).
 -- - A running job whose cancel was requested never goes back to `queued`: it ends `cancelled`.
 -- Returns {code, previous_state, batch_done, new_state}: code 1 done, 0 refused, -1 no such job.
--- Uses push_pending (push_pending.lua).
+-- Uses push_pending (push_pending.lua). A job's first final state takes one from its tenant's
+-- count of jobs not yet final (`Keys.tenant_open`); terminal states are final, so only once.
 local job_id, batch_id, to = ARGV[2], ARGV[3], ARGV[4]
 local ttl, lease_s, owner = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 local lease_expired, charge = ARGV[8], ARGV[9]
@@ -65,6 +66,11 @@ end
 local done = 0
 if to == 'succeeded' or to == 'failed' or to == 'cancelled' then
   redis.call('ZREM', K.inflight(), job_id)
+  if state == 'queued' or state == 'running' then
+    -- one job fewer not yet final for its tenant's max_queued_jobs (batches counted at submit)
+    local b = redis.call('HMGET', bk, 'tenant', 'open_counted')
+    if b[2] == '1' then redis.call('DECR', K.tenant_open(b[1] or '$DEFAULT_TENANT')) end
+  end
   local c = redis.call('HMGET', bk, 'total', 'succeeded', 'failed', 'cancelled')
   if tonumber(c[1]) == tonumber(c[2]) + tonumber(c[3]) + tonumber(c[4]) then
     redis.call('HSET', bk, 'finished_at', string.format('%.6f', at))
