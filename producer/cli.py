@@ -87,6 +87,8 @@ def _add_submit_command(sub: _Subparsers[argparse.ArgumentParser]) -> None:
         ("height", int),
         ("seed", int),
         ("negative-prompt", str),
+        ("output-format", str),  # png, webp or jpeg
+        ("quality", int),  # webp or jpeg, 1-100
     ):
         p.add_argument(f"--{name}", type=kind, help="applies to every job without its own")
     p.add_argument("--priority", type=int, help="0-9, 9 the most urgent (default 5)")

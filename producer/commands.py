@@ -27,7 +27,10 @@ __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "EXIT_UNREACHABLE", "HAND
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 IMAGE_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg")  # what --from-png reads infotexts from
-JOB_OPTIONS = ("model", "scheduler", "steps", "guidance", "width", "height", "seed")
+JOB_OPTIONS = (
+    *("model", "scheduler", "steps", "guidance", "width", "height", "seed"),
+    *("output_format", "quality"),
+)
 
 
 def client() -> FarmClient:

@@ -36,6 +36,7 @@ class SentinelGroup:
     password: str | None = None  # the sentinels' own (`requirepass`)
     replicas: list[RedisService] = field(default_factory=list)
     sentinels: list[ManagedProcess] = field(default_factory=list)
+    master_url: str | None = None  # the master the group was formed around
 
     @property
     def addresses(self) -> str:
@@ -88,9 +89,24 @@ class SentinelGroup:
                 with redis.Redis.from_url(replica.url) as client:
                     if client.info("replication").get("master_link_status") != "up":
                         return False
+            if self.master_url is not None and not self._master_streams():
+                return False
         except redis.RedisError:
             return False
         return True
+
+    def _master_streams(self) -> bool:
+        """Whether a write to the master reaches every replica. A replica's link is "up" once it
+        has loaded the master's data, but after a diskless sync the master streams to it only
+        from the replica's first REPLCONF ACK, up to a second later: a write in between reaches
+        the replica late, and a master killed then loses it. So a probe write is WAITed for."""
+        assert self.master_url is not None
+        with redis.Redis.from_url(self.master_url) as client:
+            pipe = client.pipeline(transaction=False)
+            pipe.set("sentinel-group:probe", "1", px=1000)  # gone a second later
+            pipe.execute_command("WAIT", len(self.replicas), 100)  # type: ignore[no-untyped-call]
+            acknowledged = int(pipe.execute()[-1])
+        return acknowledged >= len(self.replicas)
 
     def _client(self, port: int) -> redis.Redis:
         return redis.Redis(
@@ -114,7 +130,8 @@ def start_sentinel_group(
     is the quorum), and wait until the group is formed. `password` is the sentinels' own; the
     replicas take the master's (`master.password`) for clients and for replication."""
     data_dir = Path(data_dir).resolve()
-    group = SentinelGroup(master_name, [free_port() for _ in range(sentinels)], password)
+    ports = [free_port() for _ in range(sentinels)]
+    group = SentinelGroup(master_name, ports, password, master_url=master.url)
     ids = [secrets.token_hex(20) for _ in group.sentinel_ports]  # each sentinel's run id
     auth = ["--masterauth", master.password] if master.password else []
     try:

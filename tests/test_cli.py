@@ -180,3 +180,17 @@ def test_status_shows_counts_and_how_long_to_wait_as_a_table(api: Api) -> None:
     assert "queued" in done.stdout and "succeeded" in done.stdout
     assert "priority 5, 0 jobs ahead, ETA " in done.stdout
     assert "ETA unknown" not in done.stdout  # two images were measured
+
+
+def test_submit_sets_the_output_format_and_quality_of_every_job(api: Api) -> None:
+    # When `sdfarm submit` asks for lossy WebP
+    args = ("--prompt", "a kite", "--prompt", "a comet", "--output-format", "webp")
+    done = sdfarm(api.url, "submit", *args, "--quality", "70", "--json")
+    assert done.returncode == 0, done.stderr
+    # Then every job of the batch has that format and quality
+    for job_id in json.loads(done.stdout)["job_ids"]:
+        spec = api.http.get(f"/v1/jobs/{job_id}").json()["spec"]
+        assert (spec["output_format"], spec["quality"]) == ("webp", 70)
+    # And a format the farm does not write is refused, naming the ones it does
+    bad = sdfarm(api.url, "submit", "--prompt", "a kite", "--output-format", "gif")
+    assert bad.returncode == 2 and "'png', 'webp' or 'jpeg'" in bad.stderr, bad.stderr
